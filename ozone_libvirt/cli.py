@@ -1,0 +1,464 @@
+"""The `ozone` command line: thin typer commands over the library.
+
+Each command parses its options, calls one library function inside :func:`session` (which
+opens the connection and turns every ozone error into one line and an exit code) and hands
+the result to a renderer in :mod:`ozone_libvirt.output`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from . import output
+from .errors import EXIT_FAILED, OzoneError, UsageError
+
+if TYPE_CHECKING:
+    import libvirt
+
+    from .config import VMConfig
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+app = typer.Typer(
+    name="ozone",
+    help="Declarative QEMU virtual machines on libvirt: one JSON/YAML file per VM.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+@dataclass
+class Globals:
+    uri: str | None = None
+    verbose: bool = False
+
+
+G = Globals()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+NameArg = Annotated[str, typer.Argument(help="VM (libvirt domain) name.", show_default=False)]
+ConfigArg = Annotated[
+    str,
+    typer.Argument(help="Config name (found on OZONE_CONFIG_PATH) or path.", show_default=False),
+]
+
+
+@app.callback()
+def _globals(
+    connect: Annotated[
+        str | None,
+        typer.Option(
+            "--connect", "-c", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or libvirt's)."
+        ),
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show more detail.")] = False,
+) -> None:
+    G.uri = connect
+    G.verbose = verbose
+
+
+def handles_errors(fn: F) -> F:
+    """Run a command, turning ozone errors into one line (or JSON) and their exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        as_json = bool(kwargs.get("as_json"))
+        try:
+            return fn(*args, **kwargs)
+        except OzoneError as err:
+            output.error(err, as_json=as_json)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def connection() -> Iterator[libvirt.virConnect]:
+    from .connection import connect
+
+    with connect(G.uri) as conn:
+        yield conn
+
+
+def load(name_or_path: str) -> VMConfig:
+    from .config import find_config, load_config
+
+    return load_config(find_config(name_or_path))
+
+
+def progress(text: str, as_json: bool) -> contextlib.AbstractContextManager[None]:
+    return output.spinner(text, enabled=not as_json)
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+@app.command()
+@handles_errors
+def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
+    """Create a VM from its config, or update it in place (keeping its UUID)."""
+    from . import vm
+
+    cfg = load(config)
+    with connection() as conn:
+        result = vm.define(conn, cfg)
+    if as_json:
+        output.emit_json(result.__dict__)
+        return
+    verb = "Defined" if result.created else "Updated"
+    output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
+    for disk in result.disks_created:
+        output.info(f"created disk {disk}")
+    if result.restart_needed:
+        output.info(f"{result.name} is running: the changes apply at its next start")
+
+
+def _ask_for_name() -> str:
+    if not sys.stdin.isatty():
+        raise UsageError("which VM? give a NAME", hint="ozone start NAME")
+    answer = typer.prompt("What VM would you like to start?").strip()
+    if not answer:
+        raise UsageError("no VM name given")
+    return answer
+
+
+@app.command()
+@handles_errors
+def start(
+    name: Annotated[str | None, typer.Argument(help="VM name; asked for when omitted.")] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Return when the guest agent answers.")
+    ] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 120,
+    as_json: JsonOpt = False,
+) -> None:
+    """Start a VM (resuming saved state if there is some). Defines it first if a config of
+    that name exists and no VM does."""
+    from . import vm
+
+    name = name or _ask_for_name()
+    with connection() as conn:
+        if vm.find(conn, name) is None:
+            from .config import find_config
+
+            try:
+                path = find_config(name)  # a config of that name? then define it first
+            except OzoneError:
+                path = None
+            if path is not None:
+                from .config import load_config
+
+                vm.define(conn, load_config(path))
+                output.info(f"defined {name} from {path}")
+        with progress(f"Starting {name}…", as_json):
+            result = vm.start(conn, name)
+        if wait:
+            with progress(f"Waiting for {name}'s guest agent…", as_json):
+                result["ready_seconds"] = round(_wait_or_show_console(conn, name, timeout), 3)
+    if as_json:
+        output.emit_json(result)
+        return
+    action = {"booted": "Started", "restored": "Restored", "resumed": "Resumed"}
+    text = f"{action.get(result['action'], 'Already running:')} {name}"
+    if "ready_seconds" in result:
+        text += f" (guest agent ready after {result['ready_seconds']:.1f} s)"
+    output.emit(text)
+
+
+def _wait_or_show_console(conn: libvirt.virConnect, name: str, timeout: float) -> float:
+    from . import vm
+
+    try:
+        return vm.wait_agent(conn, name, timeout=timeout)
+    except OzoneError as err:
+        tail = _console_tail(conn, name)
+        if tail:
+            err.message += "; last console lines:\n" + tail
+            output.info("last lines of the serial console:\n" + tail)
+        raise
+
+
+def _console_tail(conn: libvirt.virConnect, name: str, lines: int = 15) -> str:
+    from . import vm
+
+    with contextlib.suppress(OzoneError, OSError):
+        text = vm.serial_log(conn, name).read_bytes()[-8192:].decode(errors="replace")
+        return "\n".join(text.splitlines()[-lines:])
+    return ""
+
+
+@app.command()
+@handles_errors
+def wait(
+    name: NameArg,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120,
+    as_json: JsonOpt = False,
+) -> None:
+    """Wait until a VM's guest agent answers (the guest can run programs)."""
+    with connection() as conn, progress(f"Waiting for {name}'s guest agent…", as_json):
+        seconds = _wait_or_show_console(conn, name, timeout)
+    if as_json:
+        output.emit_json({"name": name, "ready_seconds": round(seconds, 3)})
+    else:
+        output.emit(f"{name} is ready ({seconds:.1f} s)")
+
+
+@app.command()
+@handles_errors
+def stop(
+    name: NameArg,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for a clean shutdown before forcing.")
+    ] = 60,
+    force: Annotated[bool, typer.Option("--force", "-f", help="Power off at once.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Shut a VM down: guest agent, else ACPI; forced off after --timeout."""
+    from . import vm
+
+    with connection() as conn, progress(f"Stopping {name}…", as_json):
+        result = vm.stop(conn, name, timeout=timeout, force=force)
+    if as_json:
+        output.emit_json(result.__dict__)
+    elif result.method == "none":
+        output.emit(f"{name} was not running")
+    else:
+        how = {
+            "agent": "by the guest agent",
+            "acpi": "by ACPI power button",
+            "forced": "forced off",
+        }
+        text = f"Stopped {name} {how[result.method]} in {result.seconds:.1f} s"
+        if result.method == "forced" and result.requested:
+            text += f" (it ignored the {result.requested} shutdown for {timeout:g} s)"
+        output.emit(text)
+
+
+@app.command()
+@handles_errors
+def destroy(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Power a VM off at once (like pulling the plug); its definition stays."""
+    from . import vm
+
+    with connection() as conn:
+        was_running = vm.destroy(conn, name)
+    if as_json:
+        output.emit_json({"name": name, "was_running": was_running})
+    else:
+        output.emit(f"Destroyed {name}" if was_running else f"{name} was not running")
+
+
+@app.command()
+@handles_errors
+def undefine(
+    name: NameArg,
+    remove_storage: Annotated[
+        bool,
+        typer.Option(
+            "--remove-storage", help="Also delete its disk images (never ISOs or backing images)."
+        ),
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Power it off first if it runs.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove a VM's definition; its disk images stay unless --remove-storage."""
+    from . import vm
+
+    with connection() as conn:
+        removed = vm.undefine(conn, name, remove_storage=remove_storage, force=force)
+    if as_json:
+        output.emit_json({"name": name, "removed": removed})
+        return
+    output.emit(f"Undefined {name}")
+    for path in removed:
+        output.info(f"removed {path}")
+
+
+def _memory(num_bytes: int) -> str:
+    from .config import format_size
+
+    return format_size(num_bytes) if num_bytes % (1024 * 1024) == 0 else f"{num_bytes // 1024}KiB"
+
+
+@app.command("list")
+@handles_errors
+def list_(
+    all_: Annotated[
+        bool, typer.Option("--all", "-a", help="Every libvirt domain, not only ozone's.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """List ozone's VMs: name, state, vCPUs, memory, QMP endpoint."""
+    from . import vm
+
+    with connection() as conn:
+        vms = vm.list_vms(conn, all_domains=all_)
+    if as_json:
+        output.emit_json([v.to_dict() for v in vms])
+        return
+    rows = [[v.name, v.state, v.vcpus, _memory(v.memory), v.qmp] for v in vms]
+    output.emit(output.table(["NAME", "STATE", "VCPUS", "MEMORY", "QMP"], rows))
+
+
+@app.command()
+@handles_errors
+def status(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Show one VM: state, resources, QMP endpoint, config file, disks."""
+    from . import vm
+
+    with connection() as conn:
+        data = vm.status(conn, name)
+    if as_json:
+        output.emit_json(data)
+        return
+    data["memory"] = _memory(data["memory"])
+    data["disks"] = ", ".join(data["disks"]) or None
+    width = max(len(k) for k in data)
+    output.emit(
+        "\n".join(f"{k + ':':<{width + 1}} {'-' if v is None else v}" for k, v in data.items())
+    )
+
+
+@app.command()
+@handles_errors
+def xml(
+    config: ConfigArg,
+    defined: Annotated[
+        bool, typer.Option("--defined", help="Show what libvirt holds for the VM instead.")
+    ] = False,
+) -> None:
+    """Print the domain XML a config produces, without touching libvirt."""
+    if defined:
+        from . import vm
+
+        with connection() as conn:
+            output.emit(vm.dumpxml(conn, config, inactive=True))
+        return
+    from . import domain_xml as dx
+    from .connection import local_host_facts
+
+    cfg = load(config)
+    qmp = cfg.qmp.endpoint
+    if cfg.qmp.kind == "auto":
+        qmp = f"tcp:127.0.0.1:{dx.preferred_qmp_port(cfg.name)}"
+    elif cfg.qmp.kind == "off":
+        qmp = None
+    output.emit(dx.to_string(dx.build_domain(cfg, facts=local_host_facts(), qmp_endpoint=qmp)))
+
+
+@app.command()
+@handles_errors
+def qmp(
+    name: NameArg,
+    command: Annotated[str, typer.Argument(help="QMP command, e.g. query-status.")],
+    arguments: Annotated[str | None, typer.Argument(help="Arguments as a JSON object.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Send a QMP command through libvirt's monitor passthrough and print the reply."""
+    from . import qmp as q
+    from . import vm
+
+    with connection() as conn:
+        dom = vm.lookup(conn, name)
+        reply = q.monitor_command(dom, command, arguments)
+    output.emit_json(reply)
+
+
+@app.command()
+@handles_errors
+def console(name: NameArg) -> None:
+    """Attach to a VM's serial console (leave with Ctrl-]), through virsh."""
+    import shutil
+
+    from . import vm
+
+    with connection() as conn:
+        dom = vm.lookup(conn, name)
+        if not vm.is_active(dom):
+            raise OzoneError(f"{name} is not running", hint=f"`ozone start {name}`")
+        uri = conn.getURI()
+    virsh = shutil.which("virsh")
+    if virsh is None:
+        raise OzoneError("virsh is not installed", hint="install libvirt-clients")
+    os.execv(virsh, [virsh, "-c", uri, "console", name])
+
+
+@app.command()
+@handles_errors
+def logs(
+    name: NameArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new output.")
+    ] = False,
+    lines: Annotated[
+        int | None, typer.Option("--lines", "-n", help="Only the last N lines.")
+    ] = None,
+) -> None:
+    """Print a VM's serial console log."""
+    from . import vm
+
+    with connection() as conn:
+        path = vm.serial_log(conn, name)
+    _print_log(path, follow=follow, lines=lines)
+
+
+def _print_log(path: Path, *, follow: bool, lines: int | None) -> None:
+    out = sys.stdout.buffer
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        if not follow:
+            raise OzoneError(
+                f"no serial log yet at {path}", hint="the VM has not been started"
+            ) from None
+        data = b""
+    except PermissionError:
+        raise OzoneError(f"cannot read {path}: permission denied", hint="run as root") from None
+    if lines is not None:
+        data = b"".join(data.splitlines(keepends=True)[-lines:]) if lines > 0 else b""
+    out.write(data)
+    out.flush()
+    if not follow:
+        return
+    offset = path.stat().st_size if path.exists() else 0
+    try:
+        while True:
+            size = path.stat().st_size if path.exists() else 0
+            if size < offset:  # truncated: the VM restarted
+                offset = 0
+            if size > offset:
+                with path.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(size - offset)
+                offset += len(chunk)
+                out.write(chunk)
+                out.flush()
+            time.sleep(0.2)
+    except KeyboardInterrupt:
+        return
+
+
+def main() -> None:
+    try:
+        app(prog_name="ozone")
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILED)
+        sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Config → libvirt domain XML, and ozone's metadata back out of domain XML.
+
+Pure translation: no libvirt import, no I/O. Facts about the host (is KVM usable, where
+libvirt keeps logs) and decisions made elsewhere (the QMP endpoint, an existing UUID) come in
+as values. XML is built with lxml, never by formatting strings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from lxml import etree
+from lxml.builder import ElementMaker
+
+from .config import VMConfig
+from .errors import ConfigError
+
+OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
+OZONE_PREFIX = "ozone"
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+
+# `qmp: auto` picks a loopback port in this range, below Linux's ephemeral port range so
+# outgoing connections never hold it. The first choice is derived from the VM name, so
+# `ozone xml` is deterministic; `define` moves on to the next free one on a clash.
+QMP_PORT_BASE = 24000
+QMP_PORT_COUNT = 6000
+
+E = ElementMaker()
+Q = ElementMaker(namespace=QEMU_NS, nsmap={"qemu": QEMU_NS})
+O = ElementMaker(namespace=OZONE_NS, nsmap={OZONE_PREFIX: OZONE_NS})  # noqa: E741
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    """What the XML depends on besides the config."""
+
+    kvm: bool = False  # is KVM usable on the host libvirt runs on
+    log_dir: Path = Path("/var/log/libvirt/qemu")  # where libvirt's QEMU logs live
+    accel_override: str | None = None  # OZONE_ACCEL: auto|kvm|tcg
+
+
+@dataclass(frozen=True)
+class OzoneMetadata:
+    source: str | None
+    hash: str | None
+    qmp: str | None
+
+
+def preferred_qmp_port(name: str, attempt: int = 0) -> int:
+    digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
+    return QMP_PORT_BASE + (digest + attempt) % QMP_PORT_COUNT
+
+
+def domain_type(config: VMConfig, facts: HostFacts) -> str:
+    """libvirt domain type: ``kvm`` or ``qemu`` (TCG)."""
+    accel = facts.accel_override or config.accel
+    if accel == "kvm" and not facts.kvm:
+        raise ConfigError(
+            "KVM is not available on this host",
+            file=str(config.source) if config.source else None,
+            field="accel" if not facts.accel_override else None,
+            hint='use "accel": "tcg" (or "auto"), or OZONE_ACCEL=tcg',
+        )
+    if accel == "kvm" or (accel == "auto" and facts.kvm):
+        return "kvm"
+    return "qemu"
+
+
+def serial_log_path(config: VMConfig, facts: HostFacts) -> Path:
+    return config.serial_log or facts.log_dir / f"{config.name}-serial.log"
+
+
+def qmp_qemu_arg(endpoint: str) -> str:
+    """``tcp:127.0.0.1:4444`` → the value of QEMU's ``-qmp`` option."""
+    return f"{endpoint},server=on,wait=off"
+
+
+def _disk_targets(config: VMConfig) -> tuple[list[str], str]:
+    """Target device names for the disks (vda, vdb / sda, sdb …) and for the cdrom."""
+    vd = sd = 0
+    names = []
+    for disk in config.disks:
+        if disk.bus == "virtio":
+            names.append("vd" + chr(ord("a") + vd))
+            vd += 1
+        else:
+            names.append("sd" + chr(ord("a") + sd))
+            sd += 1
+    return names, "sd" + chr(ord("a") + sd)
+
+
+def build_domain(
+    config: VMConfig,
+    *,
+    facts: HostFacts,
+    qmp_endpoint: str | None,
+    uuid: str | None = None,
+) -> etree._Element:
+    """The libvirt domain XML for ``config``.
+
+    ``qmp_endpoint`` is the resolved endpoint (``tcp:HOST:PORT`` or ``unix:PATH``), or None
+    for no QMP passthrough; ``uuid`` keeps an existing domain's identity on redefine.
+    """
+    dtype = domain_type(config, facts)
+    nsmap = {"qemu": QEMU_NS} if qmp_endpoint else None
+    root = etree.Element("domain", nsmap=nsmap, type=dtype)
+    root.append(E.name(config.name))
+    if uuid:
+        root.append(E.uuid(uuid))
+    if config.description:
+        root.append(E.description(config.description))
+
+    meta = O.vm(O.hash(config.hash))
+    if config.source:
+        meta.insert(0, O.source(str(config.source)))
+    if qmp_endpoint:
+        meta.append(O.qmp(qmp_endpoint))
+    root.append(E.metadata(meta))
+
+    kib = str(config.memory // 1024)
+    root.append(E.memory(kib, unit="KiB"))
+    root.append(E.currentMemory(kib, unit="KiB"))
+    root.append(E.vcpu(str(config.vcpus), placement="static"))
+
+    os_el = E.os(E.type("hvm", arch="x86_64", machine=config.machine))
+    if config.kernel:
+        os_el.append(E.kernel(str(config.kernel)))
+        if config.initrd:
+            os_el.append(E.initrd(str(config.initrd)))
+        if config.cmdline:
+            os_el.append(E.cmdline(config.cmdline))
+    else:
+        for dev in config.boot:
+            os_el.append(E.boot(dev={"disk": "hd"}.get(dev, dev)))
+    root.append(os_el)
+    root.append(E.features(E.acpi(), E.apic()))
+    if dtype == "kvm":
+        root.append(E.cpu(mode="host-passthrough", check="none"))
+    root.append(E.clock(offset="utc"))
+    root.append(E.on_poweroff("destroy"))
+    root.append(E.on_reboot("restart"))
+    root.append(E.on_crash("destroy"))
+
+    root.append(_devices(config, facts))
+    if qmp_endpoint:
+        root.append(Q.commandline(Q.arg(value="-qmp"), Q.arg(value=qmp_qemu_arg(qmp_endpoint))))
+    return root
+
+
+def _devices(config: VMConfig, facts: HostFacts) -> etree._Element:
+    devices = E.devices()
+    targets, cdrom_target = _disk_targets(config)
+    for disk, target in zip(config.disks, targets, strict=True):
+        devices.append(
+            E.disk(
+                E.driver(name="qemu", type=disk.format, discard="unmap"),
+                E.source(file=str(disk.path)),
+                E.target(dev=target, bus=disk.bus),
+                type="file",
+                device="disk",
+            )
+        )
+    if config.cdrom:
+        devices.append(
+            E.disk(
+                E.driver(name="qemu", type="raw"),
+                E.source(file=str(config.cdrom)),
+                E.target(dev=cdrom_target, bus="sata"),
+                E.readonly(),
+                type="file",
+                device="cdrom",
+            )
+        )
+    if any(d.bus == "scsi" for d in config.disks):
+        devices.append(E.controller(type="scsi", index="0", model="virtio-scsi"))
+
+    net = config.network
+    if net.type != "none":
+        iface = E.interface(type=net.type)
+        if net.mac:
+            iface.append(E.mac(address=net.mac))
+        if net.type == "network":
+            iface.append(E.source(network=net.source or ""))
+        elif net.type == "bridge":
+            iface.append(E.source(bridge=net.source or ""))
+        iface.append(E.model(type=net.model))
+        devices.append(iface)
+
+    devices.append(
+        E.serial(
+            E.log(file=str(serial_log_path(config, facts)), append="off"),
+            E.target(port="0"),
+            type="pty",
+        )
+    )
+    devices.append(E.console(E.target(type="serial", port="0"), type="pty"))
+    if config.agent:
+        devices.append(E.channel(E.target(type="virtio", name=AGENT_CHANNEL), type="unix"))
+    if config.graphics == "vnc":
+        devices.append(E.graphics(type="vnc", port="-1", autoport="yes", listen="127.0.0.1"))
+    devices.append(E.rng(E.backend("/dev/urandom", model="random"), model="virtio"))
+    return devices
+
+
+def to_string(root: etree._Element) -> str:
+    return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+# --- reading back ---------------------------------------------------------------------------
+
+
+def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
+    """ozone's metadata from a domain XML or from the ``<ozone:vm>`` element alone."""
+    if not xml:
+        return None
+    root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
+    if root.tag in ("vm", f"{{{OZONE_NS}}}vm"):
+        vm = root  # virDomainGetMetadata returns the element without its namespace
+    else:
+        vm = root.find(f"metadata/{{{OZONE_NS}}}vm")
+    if vm is None:
+        return None
+    ns = f"{{{OZONE_NS}}}" if vm.tag.startswith("{") else ""
+
+    def text(tag: str) -> str | None:
+        el = vm.find(ns + tag)
+        return el.text if el is not None else None
+
+    return OzoneMetadata(source=text("source"), hash=text("hash"), qmp=text("qmp"))
+
+
+def serial_log_of(xml: str) -> str | None:
+    """The serial log file a domain XML names, if any."""
+    root = etree.fromstring(xml.encode())
+    log = root.find("devices/serial/log")
+    return log.get("file") if log is not None else None
+
+
+def disk_images_of(xml: str) -> list[str]:
+    """Files of the domain's writable disks (not cdroms, not read-only or shareable ones)."""
+    root = etree.fromstring(xml.encode())
+    files = []
+    for disk in root.findall("devices/disk"):
+        if disk.get("device", "disk") != "disk":
+            continue
+        if disk.find("readonly") is not None or disk.find("shareable") is not None:
+            continue
+        source = disk.find("source")
+        if source is not None and source.get("file"):
+            files.append(source.get("file"))
+    return files
+
+
+def has_agent_channel(xml: str) -> bool:
+    root = etree.fromstring(xml.encode())
+    return any(t.get("name") == AGENT_CHANNEL for t in root.findall("devices/channel/target"))

@@ -1,0 +1,57 @@
+"""The CLI's one output channel: data to stdout (text or one JSON document), errors to
+stderr as one line plus a hint (or, with --json, as ``{"error": {...}}`` on stdout), and
+progress spinners only on a terminal."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from .errors import OzoneError
+
+
+def emit_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def emit(text: str) -> None:
+    sys.stdout.write(text + ("" if text.endswith("\n") else "\n"))
+
+
+def info(text: str) -> None:
+    """A human-oriented status line (stderr, so stdout stays clean for data)."""
+    sys.stderr.write(text + "\n")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = [
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    return "\n".join(lines)
+
+
+def error(err: OzoneError, *, as_json: bool) -> None:
+    if as_json:
+        emit_json({"error": err.to_dict()})
+        return
+    message = err.message.replace("\n", " ")
+    sys.stderr.write(f"error: {message}\n")
+    if err.hint:
+        sys.stderr.write(f"hint: {err.hint}\n")
+
+
+@contextlib.contextmanager
+def spinner(text: str, *, enabled: bool = True) -> Iterator[None]:
+    """A rich spinner on stderr while the block runs; nothing when not on a terminal."""
+    if not enabled or not sys.stderr.isatty():
+        yield
+        return
+    from rich.console import Console
+
+    with Console(stderr=True).status(text):
+        yield

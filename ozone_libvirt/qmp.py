@@ -1,0 +1,89 @@
+"""QMP: the per-VM passthrough endpoint (choice and checks) and commands sent through
+libvirt's monitor passthrough, which also works over remote URIs."""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+
+from .connection import call, translate
+from .errors import OzoneError, QMPError, UsageError
+
+
+def tcp_port_free(host: str, port: int) -> bool:
+    """Can something listen on host:port right now?"""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def parse_tcp(endpoint: str) -> tuple[str, int] | None:
+    if not endpoint.startswith("tcp:"):
+        return None
+    host, _, port = endpoint[4:].rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def command_json(command: str, arguments: str | None) -> str:
+    """Build the QMP request; ``arguments`` is a JSON object given on the command line."""
+    request: dict[str, Any] = {"execute": command}
+    if arguments:
+        try:
+            args = json.loads(arguments)
+        except json.JSONDecodeError as err:
+            raise UsageError(
+                f"the QMP arguments are not valid JSON: {err.msg} at column {err.colno}",
+                hint='quote them for the shell, e.g. \'{"device": "ide1-cd0"}\'',
+            ) from None
+        if not isinstance(args, dict):
+            raise UsageError("the QMP arguments must be a JSON object, e.g. '{\"id\": 1}'")
+        request["arguments"] = args
+    return json.dumps(request)
+
+
+def monitor_command(dom: libvirt.virDomain, command: str, arguments: str | None = None) -> Any:
+    """Send one QMP command through libvirt and return its ``return`` value."""
+    request = command_json(command, arguments)
+    try:
+        reply_text = libvirt_qemu.qemuMonitorCommand(dom, request, 0)
+    except libvirt.libvirtError as err:
+        raise translate(err, name=dom.name()) from None
+    reply = json.loads(reply_text)
+    if "error" in reply:
+        err = reply["error"]
+        raise QMPError(f"{command}: {err.get('desc', err)} ({err.get('class', 'Error')})")
+    return reply.get("return")
+
+
+def agent_command(
+    dom: libvirt.virDomain,
+    command: str,
+    arguments: dict[str, Any] | None = None,
+    *,
+    timeout: int = 5,
+) -> Any:
+    """Send one guest-agent command through libvirt and return its ``return`` value."""
+    request: dict[str, Any] = {"execute": command}
+    if arguments is not None:
+        request["arguments"] = arguments
+    reply = call(
+        libvirt_qemu.qemuAgentCommand, dom, json.dumps(request), timeout, 0, name=dom.name()
+    )
+    return json.loads(reply).get("return")
+
+
+def agent_answers(dom: libvirt.virDomain, *, timeout: int = 2) -> bool:
+    try:
+        agent_command(dom, "guest-ping", timeout=timeout)
+    except OzoneError:
+        return False
+    return True
