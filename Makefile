@@ -1,0 +1,55 @@
+# ozone: the two commands of the README, plus helpers. Every target is idempotent.
+#
+#   make demo   install what is missing, start libvirtd, build the guest image,
+#               define + boot examples/demo.json, show it working, stop it
+#   make test   the same set-up, then the whole test suite
+#
+# This build machine cannot run KVM guests (see README): guests run under TCG unless
+# you say otherwise, e.g. `make demo OZONE_ACCEL=auto` on a host with working KVM.
+
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+OZONE := $(VENV)/bin/ozone
+OZONE_ACCEL ?= tcg
+export OZONE_ACCEL
+export LIBVIRT_DEFAULT_URI ?= qemu:///system
+
+.PHONY: setup setup-test guest demo test unit lint xml clean-demo bench
+
+setup:
+	@scripts/setup-host
+
+setup-test:
+	@scripts/setup-host --test
+
+guest: setup
+	@scripts/build-guest-iso
+
+demo: guest
+	@scripts/demo
+
+test: setup-test
+	@scripts/build-guest-iso
+	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py
+	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py
+	@$(PY) -m pytest -ra $(PYTEST_ARGS)
+
+# quick tests only: no guest boots
+unit: setup
+	@$(PY) -m pytest -ra -m "not guest" $(PYTEST_ARGS)
+
+lint: setup
+	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py
+	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py
+
+# regenerate the golden domain XML in xml/ from examples/ (then review the diff)
+xml: setup
+	@$(PY) -m pytest -q tests/test_golden.py --regenerate-output
+
+clean-demo:
+	-@$(OZONE) destroy demo >/dev/null 2>&1
+	-@$(OZONE) undefine demo --remove-storage
+
+bench: guest
+	@$(PY) scripts/bench-lifecycle.py

@@ -1,0 +1,213 @@
+"""Shared fixtures.
+
+Integration tests talk to a real libvirtd at qemu:///system and boot real QEMU guests under
+TCG from the image scripts/build-guest-iso builds. `make test` sets both up; a missing piece
+is a test failure with a hint, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_DIR = Path(os.environ.get("OZONE_GUEST_DIR", REPO / "build" / "guest"))
+URI = "qemu:///system"
+# QEMU runs as libvirt-qemu: test images live where it can reach them
+WORK_ROOT = Path("/var/lib/libvirt/images/ozone-tests")
+READY_LINE = "OZONE-GUEST-READY"
+PREFIX = f"ozt{os.getpid()}-"
+_counter = itertools.count(1)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regenerate-output",
+        action="store_true",
+        help="rewrite the golden files in xml/ from examples/ instead of comparing",
+    )
+
+
+def ozone_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"LIBVIRT_DEFAULT_URI": URI, "OZONE_ACCEL": "tcg"})
+    env.update(extra)
+    return env
+
+
+def run_ozone(
+    *args: str, input: bytes | None = None, timeout: float = 180, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `ozone` command line in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "ozone_libvirt", *args],
+        capture_output=True,
+        text=True,
+        input=input.decode() if input is not None else None,
+        timeout=timeout,
+        env=env or ozone_env(),
+        check=False,
+    )
+
+
+def ozone_json(*args: str, timeout: float = 180) -> Any:
+    proc = run_ozone(*args, "--json", timeout=timeout)
+    assert proc.returncode == 0, f"ozone {' '.join(args)} failed: {proc.stdout}{proc.stderr}"
+    return json.loads(proc.stdout)
+
+
+def virsh(*args: str, check: bool = True) -> str:
+    proc = subprocess.run(
+        ["virsh", "-c", URI, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    if check:
+        assert proc.returncode == 0, f"virsh {' '.join(args)}: {proc.stderr}"
+    return proc.stdout
+
+
+def wait_until(condition: Callable[[], Any], *, timeout: float, what: str) -> Any:
+    """Poll until ``condition`` returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def domain_exists(name: str) -> bool:
+    return (
+        subprocess.run(
+            ["virsh", "-c", URI, "domstate", name], capture_output=True, check=False
+        ).returncode
+        == 0
+    )
+
+
+def remove_domain(name: str) -> None:
+    subprocess.run(["virsh", "-c", URI, "destroy", name], capture_output=True, check=False)
+    subprocess.run(
+        ["virsh", "-c", URI, "undefine", name, "--managed-save", "--snapshots-metadata", "--nvram"],
+        capture_output=True,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> str:
+    proc = subprocess.run(["virsh", "-c", URI, "version"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.fail(
+            f"libvirtd does not answer at {URI}: {proc.stderr.strip()} (run scripts/setup-host)"
+        )
+    return URI
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> Path:
+    iso = GUEST_DIR / "ozone-guest.iso"
+    for path in (iso, GUEST_DIR / "vmlinuz", GUEST_DIR / "initrd.img"):
+        if not path.is_file():
+            pytest.fail(f"{path} is missing: run scripts/build-guest-iso")
+    return GUEST_DIR
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    WORK_ROOT.chmod(0o755)
+    path = WORK_ROOT / uuid.uuid4().hex[:12]
+    path.mkdir(mode=0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class VMFactory:
+    """Writes VM configs into a work folder and removes every domain it named afterwards."""
+
+    workdir: Path
+    guest: Path | None
+    names: list[str] = field(default_factory=list)
+
+    def name(self) -> str:
+        name = f"{PREFIX}{next(_counter)}"
+        self.names.append(name)
+        return name
+
+    def config(self, overrides: dict[str, Any] | None = None, *, fmt: str = "json",
+               tiny: bool = True) -> tuple[str, Path]:  # fmt: skip
+        """A config for a tiny guest (256 MiB, booting the test ISO), with overrides."""
+        data: dict[str, Any] = {"name": self.name(), "memory": "256MiB"}
+        if tiny:
+            assert self.guest is not None
+            data["cdrom"] = str(self.guest / "ozone-guest.iso")
+        data.update(overrides or {})
+        if data["name"] not in self.names:
+            self.names.append(data["name"])
+        return data["name"], self.write(data, fmt=fmt, stem=data["name"])
+
+    def write(self, data: Any, *, fmt: str = "json", stem: str | None = None) -> Path:
+        path = self.workdir / f"{stem or uuid.uuid4().hex[:8]}.{fmt}"
+        if fmt == "json":
+            path.write_text(json.dumps(data, indent=2))
+        else:
+            import yaml
+
+            path.write_text(yaml.safe_dump(data))
+        return path
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            remove_domain(name)
+
+
+@pytest.fixture
+def vms(libvirtd: str, workdir: Path, request: pytest.FixtureRequest) -> Iterator[VMFactory]:
+    guest = None
+    if request.node.get_closest_marker("guest"):
+        guest = request.getfixturevalue("guest_image")
+    factory = VMFactory(workdir=workdir, guest=guest)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _sweep_leftovers() -> Iterator[None]:
+    """Whatever a crashed test left, remove this run's domains at the end of the session."""
+    yield
+    with contextlib.suppress(Exception):
+        names = subprocess.run(
+            ["virsh", "-c", URI, "list", "--all", "--name"], capture_output=True, text=True
+        ).stdout.split()
+        for name in names:
+            if name.startswith(PREFIX):
+                remove_domain(name)
+
+
+def serial_text(name: str) -> str:
+    path = Path(f"/var/log/libvirt/qemu/{name}-serial.log")
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def wait_ready_line(name: str, timeout: float = 90) -> None:
+    wait_until(lambda: READY_LINE in serial_text(name), timeout=timeout,
+               what=f"{READY_LINE} on the serial console of {name}")  # fmt: skip
