@@ -127,14 +127,24 @@ def is_local(conn: libvirt.virConnect) -> bool:
 
 def host_facts(conn: libvirt.virConnect) -> HostFacts:
     """Facts the domain XML depends on, read from the connection and the environment."""
-    caps = call(conn.getCapabilities)
-    kvm = "<domain type='kvm'" in caps
+    from lxml import etree
+
+    caps = etree.fromstring(call(conn.getCapabilities).encode())
+    arch = caps.xpath("guest[arch/@name='x86_64']/arch")
+    kvm = any(a.find("domain[@type='kvm']") is not None for a in arch)
+    machines = frozenset(
+        name
+        for a in arch
+        for m in a.iter("machine")
+        for name in (m.text, m.get("canonical"))
+        if name
+    )
     uri = conn.getURI()
     if uri.startswith("qemu:///session") and os.getuid() != 0:
         log_dir = Path.home() / ".cache/libvirt/qemu/log"
     else:
         log_dir = Path("/var/log/libvirt/qemu")
-    return HostFacts(kvm=kvm, log_dir=log_dir, accel_override=accel_override())
+    return HostFacts(kvm=kvm, log_dir=log_dir, accel_override=accel_override(), machines=machines)
 
 
 def local_host_facts() -> HostFacts:

@@ -7,6 +7,7 @@ as values. XML is built with lxml, never by formatting strings.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class HostFacts:
     kvm: bool = False  # is KVM usable on the host libvirt runs on
     log_dir: Path = Path("/var/log/libvirt/qemu")  # where libvirt's QEMU logs live
     accel_override: str | None = None  # OZONE_ACCEL: auto|kvm|tcg
+    machines: frozenset[str] = frozenset()  # x86_64 machine types QEMU offers (empty: unknown)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,20 @@ class OzoneMetadata:
 def preferred_qmp_port(name: str, attempt: int = 0) -> int:
     digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
     return QMP_PORT_BASE + (digest + attempt) % QMP_PORT_COUNT
+
+
+def check_machine(config: VMConfig, facts: HostFacts) -> None:
+    if not facts.machines or config.machine in facts.machines:
+        return
+    close = difflib.get_close_matches(config.machine, sorted(facts.machines), n=3)
+    raise ConfigError(
+        f"QEMU on this host has no machine type {config.machine!r}",
+        file=str(config.source) if config.source else None,
+        field="machine",
+        hint=("did you mean " + " or ".join(repr(c) for c in close) + "?")
+        if close
+        else "`virsh capabilities` lists the machine types; q35 and pc always exist",
+    )
 
 
 def domain_type(config: VMConfig, facts: HostFacts) -> str:

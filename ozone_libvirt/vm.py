@@ -206,6 +206,7 @@ def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
     """
     facts = host_facts(conn)
     dx.domain_type(config, facts)  # refuses kvm where there is none, before any change
+    dx.check_machine(config, facts)
     local = is_local(conn)
     if local:
         check_host_paths(config)
