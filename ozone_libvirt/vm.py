@@ -409,16 +409,55 @@ def info(
 
 
 def list_vms(conn: libvirt.virConnect, *, all_domains: bool = False) -> list[VMInfo]:
-    """ozone's VMs (or, with ``all_domains``, every domain), sorted by name."""
-    result = []
-    for dom in call(conn.listAllDomains, 0):
+    """ozone's VMs (or, with ``all_domains``, every domain), sorted by name.
+
+    A few bulk calls (all domains' stats at once, the saved and transient sets) plus one
+    metadata call per domain, eight at a time: on a host with 1000 domains this stays
+    within 2x of `virsh list --all`.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    wanted = (
+        libvirt.VIR_DOMAIN_STATS_STATE
+        | libvirt.VIR_DOMAIN_STATS_BALLOON
+        | libvirt.VIR_DOMAIN_STATS_VCPU
+    )
+    stats = call(conn.getAllDomainStats, wanted, 0)
+    saved = {
+        d.name() for d in call(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_MANAGEDSAVE)
+    }
+    transient = {
+        d.name() for d in call(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
+    }
+
+    def meta_of(dom: libvirt.virDomain) -> dx.OzoneMetadata | None:
         try:
-            meta = metadata(dom)
-            if meta is None and not all_domains:
-                continue
-            result.append(info(dom, meta, with_meta=False))
+            return metadata(dom)
         except NotFoundError:
-            continue  # vanished while we looked (a transient domain that stopped)
+            return None  # vanished while we looked
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        metas = list(pool.map(meta_of, [dom for dom, _ in stats]))
+    result = []
+    for (dom, st), meta in zip(stats, metas, strict=True):
+        if meta is None and not all_domains:
+            continue
+        name = dom.name()
+        state = st.get("state.state", libvirt.VIR_DOMAIN_NOSTATE)
+        result.append(
+            VMInfo(
+                name=name,
+                state="saved" if name in saved else STATE_NAMES.get(state, "unknown"),
+                vcpus=int(st.get("vcpu.current", 0)),
+                memory=int(st.get("balloon.maximum", 0)) * 1024,
+                qmp=meta.qmp if meta else None,
+                managed=meta is not None,
+                uuid=dom.UUIDString(),
+                persistent=name not in transient,
+                source=meta.source if meta else None,
+                config_hash=meta.hash if meta else None,
+            )
+        )
     return sorted(result, key=lambda v: v.name)
 
 
