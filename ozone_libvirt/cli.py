@@ -289,9 +289,9 @@ def undefine(
 
 
 def _memory(num_bytes: int) -> str:
-    from .config import format_size
+    from .units import format_size
 
-    return format_size(num_bytes) if num_bytes % (1024 * 1024) == 0 else f"{num_bytes // 1024}KiB"
+    return format_size(num_bytes)
 
 
 @app.command("list")
@@ -340,24 +340,29 @@ def xml(
     defined: Annotated[
         bool, typer.Option("--defined", help="Show what libvirt holds for the VM instead.")
     ] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Print the domain XML a config produces, without touching libvirt."""
     if defined:
         from . import vm
 
         with connection() as conn:
-            output.emit(vm.dumpxml(conn, config, inactive=True))
-        return
-    from . import domain_xml as dx
-    from .connection import local_host_facts
+            text = vm.dumpxml(conn, config, inactive=True)
+    else:
+        from . import domain_xml as dx
+        from .connection import local_host_facts
 
-    cfg = load(config)
-    qmp = cfg.qmp.endpoint
-    if cfg.qmp.kind == "auto":
-        qmp = f"tcp:127.0.0.1:{dx.preferred_qmp_port(cfg.name)}"
-    elif cfg.qmp.kind == "off":
-        qmp = None
-    output.emit(dx.to_string(dx.build_domain(cfg, facts=local_host_facts(), qmp_endpoint=qmp)))
+        cfg = load(config)
+        qmp = cfg.qmp.endpoint
+        if cfg.qmp.kind == "auto":
+            qmp = f"tcp:127.0.0.1:{dx.preferred_qmp_port(cfg.name)}"
+        elif cfg.qmp.kind == "off":
+            qmp = None
+        text = dx.to_string(dx.build_domain(cfg, facts=local_host_facts(), qmp_endpoint=qmp))
+    if as_json:
+        output.emit_json({"xml": text})
+    else:
+        output.emit(text)
 
 
 @app.command()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import ConfigError
+from .units import format_size
 
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 DEFAULT_CONFIG_PATH = ("./vms", "~/.config/ozone/vms")
@@ -161,13 +162,6 @@ def parse_size(value: object, *, where: str, file: str | None = None) -> int:
         )
     number = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
     return int(number * _UNITS[unit])
-
-
-def format_size(num_bytes: int) -> str:
-    for unit, factor in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if num_bytes >= factor and num_bytes % factor == 0:
-            return f"{num_bytes // factor}{unit}"
-    return f"{num_bytes}B"
 
 
 # --- loading -------------------------------------------------------------------------------

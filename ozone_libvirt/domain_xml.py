@@ -11,12 +11,15 @@ import difflib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lxml import etree
 from lxml.builder import ElementMaker
 
-from .config import VMConfig
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import VMConfig
 
 OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
 OZONE_PREFIX = "ozone"

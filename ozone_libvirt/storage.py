@@ -7,9 +7,12 @@ import json
 import shutil
 import subprocess
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import Disk
 from .errors import OzoneError
+
+if TYPE_CHECKING:
+    from .config import Disk
 
 
 def _qemu_img(*args: str) -> str:

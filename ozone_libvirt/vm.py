@@ -10,12 +10,11 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 
 from . import domain_xml as dx
-from .config import VMConfig, check_host_paths
 from .connection import call, host_facts, is_local, translate
 from .errors import (
     ConfigError,
@@ -27,6 +26,9 @@ from .errors import (
 )
 from .qmp import agent_answers, parse_tcp, tcp_port_free
 from .storage import create_disk, remove_files
+
+if TYPE_CHECKING:
+    from .config import VMConfig
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "no state",
@@ -204,6 +206,8 @@ def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
     Creates missing disk images first and removes them again if libvirt refuses the
     domain, so a failed define leaves nothing behind.
     """
+    from .config import check_host_paths
+
     facts = host_facts(conn)
     dx.domain_type(config, facts)  # refuses kvm where there is none, before any change
     dx.check_machine(config, facts)

@@ -27,7 +27,11 @@ import libvirt
 ROOT = Path(__file__).resolve().parents[1]
 URI = "qemu:///system"
 OZONE = [sys.executable, "-m", "ozone_libvirt"]
-ENV = {**os.environ, "LIBVIRT_DEFAULT_URI": URI, "OZONE_ACCEL": os.environ.get("OZONE_ACCEL", "tcg")}
+ENV = {
+    **os.environ,
+    "LIBVIRT_DEFAULT_URI": URI,
+    "OZONE_ACCEL": os.environ.get("OZONE_ACCEL", "tcg"),
+}
 WORK = Path("/var/lib/libvirt/images/ozone-bench")
 
 
@@ -93,7 +97,9 @@ def main() -> None:
         t0 = time.perf_counter()
         for i in range(args.domains):
             conn.defineXML(template.format(i=i))
-        print(f"defined {args.domains} domains in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        print(
+            f"defined {args.domains} domains in {time.perf_counter() - t0:.1f} s", file=sys.stderr
+        )
         for label, extra in (("ozone list", []), ("ozone list --all", ["--all"])):
             oz = timed([*OZONE, "list", *extra], args.runs)
             vs = timed(["virsh", "-c", URI, "list", "--all"], args.runs)

@@ -10,12 +10,12 @@ import pytest
 from ozone_libvirt.config import (
     check_host_paths,
     find_config,
-    format_size,
     load_config,
     parse_config,
     parse_size,
 )
 from ozone_libvirt.errors import ConfigError
+from ozone_libvirt.units import format_size
 
 SRC = Path("/srv/vms/web.json")
 

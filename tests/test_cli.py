@@ -1,0 +1,59 @@
+"""CLI behaviour that needs no guest: lookup by name, `xml`, import budget, usage errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from lxml import etree
+
+from .conftest import REPO, ozone_env, run_ozone
+
+
+def test_xml_by_name_on_the_config_path(tmp_path):
+    (tmp_path / "web.yaml").write_text("name: web\nmemory: 1GiB\nvcpus: 2\ncdrom: d.iso\n")
+    proc = run_ozone("xml", "web", env=ozone_env(OZONE_CONFIG_PATH=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr
+    root = etree.fromstring(proc.stdout.encode())
+    assert root.findtext("name") == "web"
+    assert root.findtext("memory") == str(1024 * 1024)
+    assert root.findtext("vcpu") == "2"
+    assert root.get("type") == "qemu"  # OZONE_ACCEL=tcg
+
+
+def test_python_dash_m_works():
+    proc = subprocess.run([sys.executable, "-m", "ozone_libvirt", "--help"],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0
+    assert "define" in proc.stdout
+
+
+def test_bad_ozone_accel_is_a_usage_error():
+    proc = run_ozone("xml", str(REPO / "examples" / "demo.json"), "--json",
+                     env=ozone_env(OZONE_ACCEL="fast"))  # fmt: skip
+    assert proc.returncode == 2
+    assert "OZONE_ACCEL" in proc.stderr + proc.stdout
+
+
+def test_unknown_option_is_exit_2():
+    assert run_ozone("list", "--bogus").returncode == 2
+
+
+def test_commands_that_read_no_config_do_not_import_the_validator():
+    code = (
+        "import sys\n"
+        "from ozone_libvirt import cli\n"
+        "try:\n"
+        "    cli.app(args=['-c', 'test:///default', 'list', '--all'], prog_name='ozone')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('ozone_libvirt', 'yaml')))))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", "import json\n" + code],
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    loaded = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "ozone_libvirt.vm" in loaded
+    assert "ozone_libvirt.config" not in loaded
+    assert "yaml" not in loaded
