@@ -76,8 +76,14 @@ def main() -> None:
         # define: ozone reads + validates the config, checks QMP clashes, defines
         run([*OZONE, "define", str(cfg)])
         xml_path = work / "ozbench-vm.xml"
-        xml_path.write_text(subprocess.run(["virsh", "-c", URI, "dumpxml", "--inactive", "ozbench-vm"],
-                                           capture_output=True, text=True, check=True).stdout)  # fmt: skip
+        xml_path.write_text(
+            subprocess.run(
+                ["virsh", "-c", URI, "dumpxml", "--inactive", "ozbench-vm"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
         oz = timed([*OZONE, "define", str(cfg)], args.runs)
         vs = timed(["virsh", "-c", URI, "define", str(xml_path)], args.runs)
         rows.append(("ozone define", statistics.median(oz), "virsh define", statistics.median(vs)))
@@ -92,8 +98,10 @@ def main() -> None:
         rows.append(("ozone start", statistics.median(oz), "virsh start", statistics.median(vs)))
 
         # list, with N extra (non-ozone) domains defined
-        template = "<domain type='qemu'><name>ozbench-{i}</name><memory unit='MiB'>64</memory>" \
-                   "<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"  # fmt: skip
+        template = (
+            "<domain type='qemu'><name>ozbench-{i}</name><memory unit='MiB'>64</memory>"
+            "<os><type arch='x86_64' machine='q35'>hvm</type></os></domain>"
+        )
         t0 = time.perf_counter()
         for i in range(args.domains):
             conn.defineXML(template.format(i=i))
@@ -103,8 +111,14 @@ def main() -> None:
         for label, extra in (("ozone list", []), ("ozone list --all", ["--all"])):
             oz = timed([*OZONE, "list", *extra], args.runs)
             vs = timed(["virsh", "-c", URI, "list", "--all"], args.runs)
-            rows.append((f"{label} ({args.domains + 1} domains)", statistics.median(oz),
-                         "virsh list --all", statistics.median(vs)))  # fmt: skip
+            rows.append(
+                (
+                    f"{label} ({args.domains + 1} domains)",
+                    statistics.median(oz),
+                    "virsh list --all",
+                    statistics.median(vs),
+                )
+            )
     finally:
         for dom in conn.listAllDomains(0):
             if dom.name().startswith("ozbench-"):
@@ -118,8 +132,10 @@ def main() -> None:
     print(f"| {'ozone':<32} | {'median':>8} | {'virsh':<18} | {'median':>8} | {'ratio':>5} |")
     print(f"|{'-' * 34}|{'-' * 10}|{'-' * 20}|{'-' * 10}|{'-' * 7}|")
     for oz_label, oz_t, vs_label, vs_t in rows:
-        print(f"| {oz_label:<32} | {oz_t * 1000:6.0f}ms | {vs_label:<18} | {vs_t * 1000:6.0f}ms "
-              f"| {oz_t / vs_t:4.1f}x |")  # fmt: skip
+        print(
+            f"| {oz_label:<32} | {oz_t * 1000:6.0f}ms | {vs_label:<18} | {vs_t * 1000:6.0f}ms "
+            f"| {oz_t / vs_t:4.1f}x |"
+        )
 
 
 if __name__ == "__main__":

@@ -150,8 +150,9 @@ class VMFactory:
         self.names.append(name)
         return name
 
-    def config(self, overrides: dict[str, Any] | None = None, *, fmt: str = "json",
-               tiny: bool = True) -> tuple[str, Path]:  # fmt: skip
+    def config(
+        self, overrides: dict[str, Any] | None = None, *, fmt: str = "json", tiny: bool = True
+    ) -> tuple[str, Path]:
         """A config for a tiny guest (256 MiB, booting the test ISO), with overrides."""
         data: dict[str, Any] = {"name": self.name(), "memory": "256MiB"}
         if tiny:
@@ -209,5 +210,8 @@ def serial_text(name: str) -> str:
 
 
 def wait_ready_line(name: str, timeout: float = 90) -> None:
-    wait_until(lambda: READY_LINE in serial_text(name), timeout=timeout,
-               what=f"{READY_LINE} on the serial console of {name}")  # fmt: skip
+    wait_until(
+        lambda: READY_LINE in serial_text(name),
+        timeout=timeout,
+        what=f"{READY_LINE} on the serial console of {name}",
+    )

@@ -17,8 +17,12 @@ ISO_CONTENT = b"\0" * 4096
 
 def config_with(workdir, overrides: dict, name: str) -> dict:
     (workdir / "ok.iso").write_bytes(ISO_CONTENT)
-    data = {"name": name, "memory": "256MiB", "cdrom": "ok.iso",
-            "disks": [{"path": "root.qcow2", "size": "64MiB"}]}  # fmt: skip
+    data = {
+        "name": name,
+        "memory": "256MiB",
+        "cdrom": "ok.iso",
+        "disks": [{"path": "root.qcow2", "size": "64MiB"}],
+    }
     data.update(overrides)
     return {k: v for k, v in data.items() if v is not None}
 
@@ -35,22 +39,35 @@ CASES = [
     ("xml-in-name", {"name": "web'/><x a='"}, "name", "not valid"),
     ("typo-accel", {"accel": "kmv"}, "accel", "did you mean 'kvm'"),
     ("missing-disk-no-size", {"disks": ["absent.qcow2"]}, "disks[0].path", "does not exist"),
-    ("missing-backing", {"disks": [{"path": "o.qcow2", "backing": "nope.qcow2"}]},
-     "disks[0].backing", "does not exist"),
-    ("disk-folder-missing", {"disks": [{"path": "no/such/dir/x.qcow2", "size": "1G"}]},
-     "disks[0].path", "folder"),
+    (
+        "missing-backing",
+        {"disks": [{"path": "o.qcow2", "backing": "nope.qcow2"}]},
+        "disks[0].backing",
+        "does not exist",
+    ),
+    (
+        "disk-folder-missing",
+        {"disks": [{"path": "no/such/dir/x.qcow2", "size": "1G"}]},
+        "disks[0].path",
+        "folder",
+    ),
     ("initrd-without-kernel", {"initrd": "initrd.img"}, "initrd", "needs a kernel"),
     ("boot-missing-device", {"cdrom": None, "boot": ["cdrom", "disk"]}, "boot[0]", "no cdrom"),
     ("bad-mac", {"network": {"type": "user", "mac": "52:54:00"}}, "network.mac", "MAC address"),
-    ("unknown-libvirt-network", {"network": "network:no-such-net"}, "network.source",
-     "no network named"),
+    (
+        "unknown-libvirt-network",
+        {"network": "network:no-such-net"},
+        "network.source",
+        "no network named",
+    ),
     ("unknown-machine", {"machine": "q53"}, "machine", "did you mean"),
     ("qmp-port-out-of-range", {"qmp": "tcp:127.0.0.1:70000"}, "qmp", "out of range"),
-]  # fmt: skip
+]
 
 
-@pytest.mark.parametrize(("overrides", "field", "words"), [c[1:] for c in CASES],
-                         ids=[c[0] for c in CASES])  # fmt: skip
+@pytest.mark.parametrize(
+    ("overrides", "field", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
 def test_bad_config_is_refused_and_leaves_nothing(vms, workdir, overrides, field, words):
     name = vms.name()
     data = config_with(workdir, overrides, name)
@@ -78,10 +95,13 @@ def test_bad_config_is_refused_and_leaves_nothing(vms, workdir, overrides, field
     assert "Traceback" not in human.stderr
 
 
-@pytest.mark.parametrize(("suffix", "text", "where"), [
-    (".json", '{\n  "name": "x",\n  "memory": 512,,\n}', "line 3, column 17"),
-    (".yaml", "name: x\nmemory: [512\ncdrom: x.iso\n", "line 3, column"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("suffix", "text", "where"),
+    [
+        (".json", '{\n  "name": "x",\n  "memory": 512,,\n}', "line 3, column 17"),
+        (".yaml", "name: x\nmemory: [512\ncdrom: x.iso\n", "line 3, column"),
+    ],
+)
 def test_syntax_errors_have_line_and_column(libvirtd, workdir, suffix, text, where):
     path = workdir / f"broken{suffix}"
     path.write_text(text)

@@ -23,15 +23,20 @@ def test_xml_by_name_on_the_config_path(tmp_path):
 
 
 def test_python_dash_m_works():
-    proc = subprocess.run([sys.executable, "-m", "ozone_libvirt", "--help"],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "ozone_libvirt", "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert proc.returncode == 0
     assert "define" in proc.stdout
 
 
 def test_bad_ozone_accel_is_a_usage_error():
-    proc = run_ozone("xml", str(REPO / "examples" / "demo.json"), "--json",
-                     env=ozone_env(OZONE_ACCEL="fast"))  # fmt: skip
+    proc = run_ozone(
+        "xml", str(REPO / "examples" / "demo.json"), "--json", env=ozone_env(OZONE_ACCEL="fast")
+    )
     assert proc.returncode == 2
     assert "OZONE_ACCEL" in proc.stderr + proc.stdout
 
@@ -50,8 +55,9 @@ def test_commands_that_read_no_config_do_not_import_the_validator():
         "    pass\n"
         "print(json.dumps(sorted(m for m in sys.modules if m.startswith(('ozone_libvirt', 'yaml')))))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", "import json\n" + code],
-                          capture_output=True, text=True, check=False)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", "import json\n" + code], capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert "ozone_libvirt.vm" in loaded

@@ -91,8 +91,12 @@ def test_default_boot_order_is_cdrom_then_disk():
 
 
 def test_disk_shorthand_and_backing():
-    cfg = parse({"name": "w", "disks": ["root.qcow2", {"path": "/abs/data.qcow2",
-                                                       "backing": "../base.qcow2"}]})  # fmt: skip
+    cfg = parse(
+        {
+            "name": "w",
+            "disks": ["root.qcow2", {"path": "/abs/data.qcow2", "backing": "../base.qcow2"}],
+        }
+    )
     assert cfg.disks[0].path == Path("/srv/vms/root.qcow2")
     assert cfg.disks[1].backing == Path("/srv/base.qcow2")
 
@@ -138,8 +142,14 @@ def test_hash_ignores_formatting_but_not_content():
 
 
 def test_json_and_yaml_give_the_same_config(tmp_path):
-    data = {"name": "w", "memory": "1GiB", "vcpus": 2, "cdrom": "x.iso",
-            "disks": [{"path": "a.qcow2", "size": "2GiB"}], "qmp": "tcp:127.0.0.1:4444"}  # fmt: skip
+    data = {
+        "name": "w",
+        "memory": "1GiB",
+        "vcpus": 2,
+        "cdrom": "x.iso",
+        "disks": [{"path": "a.qcow2", "size": "2GiB"}],
+        "qmp": "tcp:127.0.0.1:4444",
+    }
     (tmp_path / "w.json").write_text(json.dumps(data))
     import yaml
 
@@ -168,13 +178,23 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
         ({"name": "w", "cdrom": "x", "qmp": "tcp:127.0.0.1:99999"}, "qmp", "out of range"),
         ({"name": "w", "cdrom": "x", "qmp": "udp:1"}, "qmp", "not a QMP endpoint"),
         ({"name": "w", "cdrom": "x", "network": "bridge"}, "network.source", "needs its name"),
-        ({"name": "w", "cdrom": "x", "network": {"type": "user", "mac": "zz"}}, "network.mac",
-         "MAC address"),
+        (
+            {"name": "w", "cdrom": "x", "network": {"type": "user", "mac": "zz"}},
+            "network.mac",
+            "MAC address",
+        ),
         ({"name": "w", "disks": [{"size": "1G"}]}, "disks[0].path", "missing"),
-        ({"name": "w", "disks": [{"path": "a", "sise": "1G"}]}, "disks[0].sise", "did you mean 'size'"),
+        (
+            {"name": "w", "disks": [{"path": "a", "sise": "1G"}]},
+            "disks[0].sise",
+            "did you mean 'size'",
+        ),
         ({"name": "w", "disks": [{"path": "a", "format": "vmdk"}]}, "disks[0].format", "one of"),
-        ({"name": "w", "disks": [{"path": "a", "format": "raw", "backing": "b"}]},
-         "disks[0].backing", "qcow2"),
+        (
+            {"name": "w", "disks": [{"path": "a", "format": "raw", "backing": "b"}]},
+            "disks[0].backing",
+            "qcow2",
+        ),
         ({"name": "w", "disks": ["a", "a"]}, "disks[1].path", "same image"),
         ({"name": "w", "disks": "a.qcow2"}, "disks", "list"),
         ({"name": "w"}, "disks", "nothing to boot"),
@@ -182,7 +202,7 @@ def test_json_and_yaml_give_the_same_config(tmp_path):
         ({"name": "w", "cdrom": ""}, "cdrom", "empty"),
         ({"name": "w", "cdrom": "x", "graphics": "sdl"}, "graphics", "one of"),
     ],
-)  # fmt: skip
+)
 def test_config_errors_name_the_field(data, field, words):
     err = error_of(data)
     assert err.field == field
@@ -210,10 +230,13 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path):
     assert "line 3, column" in str(info.value)
 
 
-@pytest.mark.parametrize(("suffix", "text"), [
-    (".json", '{"name": "w", "name": "v", "cdrom": "x"}'),
-    (".yaml", "name: w\ncdrom: x\nname: v\n"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("suffix", "text"),
+    [
+        (".json", '{"name": "w", "name": "v", "cdrom": "x"}'),
+        (".yaml", "name: w\ncdrom: x\nname: v\n"),
+    ],
+)
 def test_duplicate_keys_are_errors(tmp_path, suffix, text):
     path = tmp_path / f"w{suffix}"
     path.write_text(text)
@@ -238,8 +261,10 @@ def test_check_host_paths(tmp_path):
         check_host_paths(cfg)
     assert info.value.field == "disks[0].path"
     assert "size" in (info.value.hint or "")
-    cfg = parse({"name": "w", "disks": [{"path": "no/dir/x.qcow2", "size": "1G"}]},
-                source=tmp_path / "w.json")  # fmt: skip
+    cfg = parse(
+        {"name": "w", "disks": [{"path": "no/dir/x.qcow2", "size": "1G"}]},
+        source=tmp_path / "w.json",
+    )
     with pytest.raises(ConfigError) as info:
         check_host_paths(cfg)
     assert "folder" in str(info.value)

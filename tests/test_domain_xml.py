@@ -14,8 +14,13 @@ from ozone_libvirt.errors import ConfigError
 FACTS = dx.HostFacts(kvm=False, log_dir=Path("/logs"))
 
 
-def build(data: dict, *, facts: dx.HostFacts = FACTS, qmp: str | None = "tcp:127.0.0.1:4444",
-          uuid: str | None = None) -> etree._Element:  # fmt: skip
+def build(
+    data: dict,
+    *,
+    facts: dx.HostFacts = FACTS,
+    qmp: str | None = "tcp:127.0.0.1:4444",
+    uuid: str | None = None,
+) -> etree._Element:
     cfg = parse_config({"name": "w", **data}, source=Path("/vms/w.json"))
     return dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp, uuid=uuid)
 
@@ -54,15 +59,21 @@ def test_kvm_without_kvm_is_a_config_error():
 
 
 def test_disks_cdrom_and_boot_order():
-    root = build({
-        "disks": [{"path": "a.qcow2", "size": "1G"}, {"path": "b.raw", "format": "raw",
-                                                      "bus": "sata", "size": "1G"}],
-        "cdrom": "d.iso",
-    })  # fmt: skip
+    root = build(
+        {
+            "disks": [
+                {"path": "a.qcow2", "size": "1G"},
+                {"path": "b.raw", "format": "raw", "bus": "sata", "size": "1G"},
+            ],
+            "cdrom": "d.iso",
+        }
+    )
     disks = root.findall("devices/disk")
     assert [(d.get("device"), d.find("target").get("dev")) for d in disks] == [
-        ("disk", "vda"), ("disk", "sda"), ("cdrom", "sdb")
-    ]  # fmt: skip
+        ("disk", "vda"),
+        ("disk", "sda"),
+        ("cdrom", "sdb"),
+    ]
     assert disks[0].find("source").get("file") == "/vms/a.qcow2"
     assert disks[1].find("driver").get("type") == "raw"
     assert disks[2].find("readonly") is not None

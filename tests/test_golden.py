@@ -49,8 +49,9 @@ def test_golden_xml(example, request):
 def test_golden_xml_passes_libvirt_schema(example):
     validator = shutil.which("virt-xml-validate")
     assert validator, "virt-xml-validate is missing: install libvirt-clients and libxml2-utils"
-    proc = subprocess.run([validator, str(golden_path(example)), "domain"],
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [validator, str(golden_path(example)), "domain"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
 
 

@@ -49,8 +49,9 @@ def define(path) -> dict:
 
 
 def test_define_makes_an_ordinary_libvirt_domain(vms, workdir):
-    name, path = vms.config({"memory": "300MiB", "vcpus": 2,
-                             "disks": [{"path": "root.qcow2", "size": "64MiB"}]})  # fmt: skip
+    name, path = vms.config(
+        {"memory": "300MiB", "vcpus": 2, "disks": [{"path": "root.qcow2", "size": "64MiB"}]}
+    )
     result = define(path)
     assert result["created"] is True
     assert (workdir / "root.qcow2").exists()
@@ -109,10 +110,15 @@ def test_two_running_vms_have_their_own_qmp_endpoints(vms):
 def test_unix_socket_qmp_and_direct_kernel_boot(vms):
     sock = f"/var/lib/libvirt/qemu/{vms.name()}.qmp"
     name, path = vms.config(
-        {"kernel": str(vms.guest / "vmlinuz"), "initrd": str(vms.guest / "initrd.img"),
-         "cmdline": "console=ttyS0", "qmp": f"unix:{sock}", "network": "none"},
+        {
+            "kernel": str(vms.guest / "vmlinuz"),
+            "initrd": str(vms.guest / "initrd.img"),
+            "cmdline": "console=ttyS0",
+            "qmp": f"unix:{sock}",
+            "network": "none",
+        },
         tiny=False,
-    )  # fmt: skip
+    )
     assert define(path)["qmp"] == f"unix:{sock}"
     ok(run_ozone("start", name))
     wait_ready_line(name)
@@ -152,8 +158,12 @@ def test_destroy_then_undefine_keeps_the_disk(vms, workdir):
     assert "no VM named 'nosuch-vm-xyz'" in refused.stderr
     assert as_json("undefine", name)["removed"] == []
     assert (workdir / "keep.qcow2").exists()
-    assert subprocess.run(["virsh", "-c", "qemu:///system", "domstate", name],
-                          capture_output=True).returncode != 0  # fmt: skip
+    assert (
+        subprocess.run(
+            ["virsh", "-c", "qemu:///system", "domstate", name], capture_output=True
+        ).returncode
+        != 0
+    )
 
 
 def test_undefine_remove_storage_never_touches_iso_or_backing(vms, workdir):
@@ -162,9 +172,14 @@ def test_undefine_remove_storage_never_touches_iso_or_backing(vms, workdir):
     iso = vms.guest / "ozone-guest.iso"
     name, path = vms.config({"disks": [{"path": "overlay.qcow2", "backing": "base.qcow2"}]})
     define(path)
-    info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-U",
-                                      str(workdir / "overlay.qcow2")],
-                                     capture_output=True, text=True, check=True).stdout)  # fmt: skip
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", "-U", str(workdir / "overlay.qcow2")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
     assert info["backing-filename"] == str(base)
     removed = as_json("undefine", name, "--remove-storage")["removed"]
     assert removed == [str(workdir / "overlay.qcow2")]
@@ -219,5 +234,8 @@ def test_logs_show_the_serial_console(vms):
     status = as_json("status", name)
     assert status["state"] == "running"
     assert status["serial_log"].endswith(f"{name}-serial.log")
-    wait_until(lambda: as_json("stop", name, "--force")["method"] == "forced", timeout=30,
-               what="forced stop")  # fmt: skip
+    wait_until(
+        lambda: as_json("stop", name, "--force")["method"] == "forced",
+        timeout=30,
+        what="forced stop",
+    )

@@ -12,7 +12,13 @@ def test_vagrantfile_validates(tmp_path):
     vagrant = shutil.which("vagrant")
     assert vagrant, "vagrant is missing: scripts/setup-host --test installs it"
     shutil.copy(REPO / "Vagrantfile", tmp_path / "Vagrantfile")
-    proc = subprocess.run([vagrant, "validate"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})  # fmt: skip
+    proc = subprocess.run(
+        [vagrant, "validate"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "validated successfully" in proc.stdout
