@@ -177,6 +177,10 @@ def start(
     if "ready_seconds" in result:
         text += f" (guest agent ready after {result['ready_seconds']:.1f} s)"
     output.emit(text)
+    if result.get("clock") == "synced":
+        output.info(f"guest clock set from the host (it was {result['clock_offset_s']:+.1f} s off)")
+    elif "clock" in result:
+        output.info(f"guest clock {result['clock']}")
 
 
 def _wait_or_show_console(conn: libvirt.virConnect, name: str, timeout: float) -> float:
@@ -184,11 +188,10 @@ def _wait_or_show_console(conn: libvirt.virConnect, name: str, timeout: float) -
 
     try:
         return vm.wait_agent(conn, name, timeout=timeout)
-    except OzoneError as err:
+    except OzoneError:
         tail = _console_tail(conn, name)
         if tail:
-            err.message += "; last console lines:\n" + tail
-            output.info("last lines of the serial console:\n" + tail)
+            output.info(f"last lines of {name}'s serial console:\n{tail}")
         raise
 
 
@@ -455,6 +458,167 @@ def _print_log(path: Path, *, follow: bool, lines: int | None) -> None:
             time.sleep(0.2)
     except KeyboardInterrupt:
         return
+
+
+# --- programs and files in the guest ------------------------------------------------------
+
+
+def handles_exec_errors(fn: F) -> F:
+    """Like :func:`handles_errors`, for commands that pass a guest program's exit status
+    through: ozone's own failures exit 125, a timeout 124 (like timeout(1), docker exec)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from .errors import EXIT_OZONE, ExecTimeout
+
+        try:
+            return fn(*args, **kwargs)
+        except ExecTimeout as err:
+            output.error(err, as_json=False)
+            raise typer.Exit(err.exit_code) from None
+        except OzoneError as err:
+            output.error(err, as_json=False)
+            raise typer.Exit(EXIT_OZONE) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _environment(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            if key not in os.environ:
+                raise UsageError(f"--env {key}: no =VALUE and no such variable on the host")
+            value = os.environ[key]
+        env[key] = value
+    return env
+
+
+def _stream_to(fd: int) -> Callable[[bytes], None]:
+    def write(data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    return write
+
+
+@app.command("exec")
+@handles_exec_errors
+def exec_(
+    name: NameArg,
+    command: Annotated[
+        list[str] | None, typer.Argument(help="The program and its arguments (after --).")
+    ] = None,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="NAME=VALUE for the program (NAME alone: the host's)."),
+    ] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Kill the program after this many seconds (exit 124).")
+    ] = None,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Forward this stdin to the program.")
+    ] = False,
+    sync_clock: Annotated[
+        bool, typer.Option("--sync-clock", help="Set the guest clock from the host's first.")
+    ] = False,
+) -> None:
+    """Run a program in the guest: its output streams here, ozone exits with its status.
+
+    ozone exec [OPTIONS] NAME -- PROGRAM [ARGS]...  (the -- keeps the program's own
+    options away from ozone's)
+    """
+    from . import execute
+    from .agent import Agent
+    from .connection import lookup
+
+    environment = _environment(env or [])
+    with connection() as conn:
+        agent = Agent(lookup(conn, name))
+        if sync_clock:
+            agent.set_time()
+        code = execute.run(
+            agent,
+            command or [],
+            env=environment,
+            cwd=cwd,
+            user=user,
+            stdin=sys.stdin.buffer if interactive else None,
+            timeout=timeout,
+            stdout=_stream_to(sys.stdout.fileno()),
+            stderr=_stream_to(sys.stderr.fileno()),
+        )
+    raise typer.Exit(code)
+
+
+@app.command()
+@handles_errors
+def cp(
+    source: Annotated[str, typer.Argument(help="A host path, or NAME:/guest/path.")],
+    destination: Annotated[str, typer.Argument(help="A host path, or NAME:/guest/path.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Copy a file into or out of a guest (a destination ending in / is a directory)."""
+    from . import transfer, vm
+    from .agent import Agent
+
+    src_vm, src_path = transfer.parse_location(source)
+    dst_vm, dst_path = transfer.parse_location(destination)
+    if (src_vm is None) == (dst_vm is None):
+        raise UsageError(
+            "one side of cp must be NAME:/path in a guest, the other a host path",
+            hint="e.g. `ozone cp app.tar web:/tmp/` or `ozone cp web:/var/log/syslog .`",
+        )
+    with connection() as conn:
+        agent = Agent(vm.lookup(conn, src_vm or dst_vm or ""))
+        with output.progress_bar(
+            f"{source} → {destination}", enabled=not as_json, total=_size_of(src_vm, src_path)
+        ) as advance:
+            if src_vm is None:
+                result = transfer.copy_to_guest(agent, Path(src_path), dst_path, progress=advance)
+            else:
+                result = transfer.copy_from_guest(agent, src_path, dst_path, progress=advance)
+    if as_json:
+        output.emit_json(result.__dict__)
+    else:
+        output.info(f"copied {result.bytes} bytes to {result.destination}")
+
+
+def _size_of(guest: str | None, path: str) -> int | None:
+    if guest is not None:
+        return None  # learnt during the copy
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None
+
+
+@app.command()
+@handles_errors
+def clock(
+    name: NameArg,
+    sync: Annotated[
+        bool, typer.Option("--sync", help="Set the guest clock from the host.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Show how far the guest's clock is from the host's; --sync sets it."""
+    from . import vm
+    from .agent import Agent
+
+    with connection() as conn:
+        agent = Agent(vm.lookup(conn, name))
+        offset = agent.set_time() if sync else (agent.guest_time() - time.time_ns()) / 1e9
+    if as_json:
+        output.emit_json({"name": name, "offset_s": round(offset, 3), "synced": sync})
+    elif sync:
+        output.emit(f"Set {name}'s clock from the host (it was {offset:+.3f} s off)")
+    else:
+        output.emit(f"{name}'s clock is {offset:+.3f} s from the host's")
 
 
 def main() -> None:

@@ -6,12 +6,12 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import libvirt
 
-from .domain_xml import HostFacts
 from .errors import (
+    AgentCommandFailed,
     AgentError,
     ConflictError,
     ConnectionFailed,
@@ -21,6 +21,9 @@ from .errors import (
     StateError,
     TimeoutExpired,
 )
+
+if TYPE_CHECKING:
+    from .domain_xml import HostFacts
 
 T = TypeVar("T")
 
@@ -84,12 +87,46 @@ def translate(
     return LibvirtFailure(message, hint=hint)
 
 
+def translate_agent_error(
+    err: libvirt.libvirtError, dom: libvirt.virDomain, command: str
+) -> OzoneError:
+    """A failed guest-agent command, explained in terms of the VM: not running, no agent
+    channel, agent not answering, or the guest's own refusal (its message kept)."""
+    name = dom.name()
+    code = err.get_error_code()
+    message = (err.get_error_message() or str(err)).strip()
+    marker = f"unable to execute QEMU agent command '{command}': "
+    if marker in message:
+        return AgentCommandFailed(command, message.split(marker, 1)[1], name=name)
+    try:
+        active = bool(dom.isActive())
+    except libvirt.libvirtError:
+        active = False
+    if not active:
+        return StateError(f"{name} is not running", hint=f"`ozone start {name} --wait`")
+    if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED and "agent" in message.lower():
+        return AgentError(
+            f"{name} has no guest agent channel",
+            hint='set "agent": true in its config and `ozone define` it again',
+        )
+    if code in (libvirt.VIR_ERR_AGENT_UNRESPONSIVE, libvirt.VIR_ERR_AGENT_UNSYNCED):
+        return AgentError(
+            f"the guest agent of {name} is not answering",
+            hint=f"is the guest still booting? `ozone wait {name}` waits for its agent",
+        )
+    return translate(err, name=name)
+
+
 def call(fn: Callable[..., T], *args: Any, name: str | None = None, **kwargs: Any) -> T:
     """Run one libvirt call, translating its error."""
     try:
         return fn(*args, **kwargs)
     except libvirt.libvirtError as err:
         raise translate(err, name=name) from None
+
+
+def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
+    return call(conn.lookupByName, name, name=name)
 
 
 def default_uri(uri: str | None = None) -> str | None:
@@ -129,6 +166,8 @@ def host_facts(conn: libvirt.virConnect) -> HostFacts:
     """Facts the domain XML depends on, read from the connection and the environment."""
     from lxml import etree
 
+    from .domain_xml import HostFacts
+
     caps = etree.fromstring(call(conn.getCapabilities).encode())
     arch = caps.xpath("guest[arch/@name='x86_64']/arch")
     kvm = any(a.find("domain[@type='kvm']") is not None for a in arch)
@@ -149,6 +188,8 @@ def host_facts(conn: libvirt.virConnect) -> HostFacts:
 
 def local_host_facts() -> HostFacts:
     """Best guess without a connection (for `ozone xml`)."""
+    from .domain_xml import HostFacts
+
     kvm = os.path.exists("/dev/kvm")
     return HostFacts(kvm=kvm, accel_override=accel_override())
 

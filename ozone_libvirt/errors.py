@@ -8,10 +8,17 @@ place, :func:`ozone_libvirt.connection.translate`.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 EXIT_FAILED = 1  # the operation failed
 EXIT_USAGE = 2  # bad usage or bad config
 EXIT_TIMEOUT = 124  # exec/run: the guest program ran out of time (like timeout(1))
 EXIT_OZONE = 125  # exec/run: ozone itself failed (like docker exec)
+
+
+class ExecResultLike(Protocol):
+    argv: list[str]
+    exit_code: int
 
 
 class OzoneError(Exception):
@@ -97,6 +104,47 @@ class AgentError(OzoneError):
     """The QEMU guest agent is missing, not answering, or returned an error."""
 
     code = "agent"
+
+
+class AgentCommandFailed(AgentError):
+    """The guest agent ran the command and reported an error (``detail`` is its message)."""
+
+    def __init__(self, command: str, detail: str, *, name: str | None = None) -> None:
+        self.command = command
+        self.detail = detail
+        where = f" in {name}" if name else ""
+        super().__init__(f"{command}{where}: {detail}")
+
+
+class ExecFailed(OzoneError):
+    """ozone could not run the program in the guest (not the program's own failure)."""
+
+    code = "exec"
+    exit_code = EXIT_OZONE
+
+
+class ExecTimeout(TimeoutExpired):
+    """The guest program ran past its timeout and was killed."""
+
+    exit_code = EXIT_TIMEOUT
+
+    def __init__(
+        self, message: str, *, stdout: bytes | None = None, stderr: bytes | None = None
+    ) -> None:
+        super().__init__(message)
+        self.stdout = stdout
+        self.stderr = stderr
+
+
+class ExitError(OzoneError):
+    """``check=True`` and the guest program exited with a non-zero status."""
+
+    code = "exit-status"
+
+    def __init__(self, result: ExecResultLike) -> None:
+        self.result = result
+        self.exit_code = result.exit_code
+        super().__init__(f"`{' '.join(result.argv)}` exited with status {result.exit_code}")
 
 
 class QMPError(OzoneError):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from .errors import OzoneError
@@ -55,3 +55,27 @@ def spinner(text: str, *, enabled: bool = True) -> Iterator[None]:
 
     with Console(stderr=True).status(text):
         yield
+
+
+@contextlib.contextmanager
+def progress_bar(
+    text: str, *, enabled: bool = True, total: int | None = None
+) -> Iterator[Callable[[int], None] | None]:
+    """A rich transfer bar on stderr, advanced by the callable it yields (None when not on a
+    terminal)."""
+    if not enabled or not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn())
+    with Progress(*columns, TransferSpeedColumn(), console=Console(stderr=True)) as bar:
+        task = bar.add_task(text, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -10,8 +10,8 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from .connection import call, translate
-from .errors import OzoneError, QMPError, UsageError
+from .connection import translate
+from .errors import QMPError, UsageError
 
 
 def tcp_port_free(host: str, port: int) -> bool:
@@ -62,28 +62,3 @@ def monitor_command(dom: libvirt.virDomain, command: str, arguments: str | None 
         err = reply["error"]
         raise QMPError(f"{command}: {err.get('desc', err)} ({err.get('class', 'Error')})")
     return reply.get("return")
-
-
-def agent_command(
-    dom: libvirt.virDomain,
-    command: str,
-    arguments: dict[str, Any] | None = None,
-    *,
-    timeout: int = 5,
-) -> Any:
-    """Send one guest-agent command through libvirt and return its ``return`` value."""
-    request: dict[str, Any] = {"execute": command}
-    if arguments is not None:
-        request["arguments"] = arguments
-    reply = call(
-        libvirt_qemu.qemuAgentCommand, dom, json.dumps(request), timeout, 0, name=dom.name()
-    )
-    return json.loads(reply).get("return")
-
-
-def agent_answers(dom: libvirt.virDomain, *, timeout: int = 2) -> bool:
-    try:
-        agent_command(dom, "guest-ping", timeout=timeout)
-    except OzoneError:
-        return False
-    return True

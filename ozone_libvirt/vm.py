@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from . import domain_xml as dx
-from .connection import call, host_facts, is_local, translate
+from .agent import Agent
+from .connection import call, host_facts, is_local, lookup, translate
 from .errors import (
     ConfigError,
     ConflictError,
@@ -24,7 +25,7 @@ from .errors import (
     StateError,
     TimeoutExpired,
 )
-from .qmp import agent_answers, parse_tcp, tcp_port_free
+from .qmp import parse_tcp, tcp_port_free
 from .storage import create_disk, remove_files
 
 if TYPE_CHECKING:
@@ -79,10 +80,6 @@ class StopResult:
 
 
 # --- lookups ---------------------------------------------------------------------------
-
-
-def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
-    return call(conn.lookupByName, name, name=name)
 
 
 def find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
@@ -288,13 +285,32 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
         state = state_name(dom)
         if state == "paused":
             call(dom.resume, name=name)
-            return {"name": name, "state": "running", "action": "resumed"}
+            return {"name": name, "state": "running", "action": "resumed", **_sync_clock(dom)}
         return {"name": name, "state": state, "action": "none"}
     restored = _has_managed_save(dom)
     if is_local(conn):
         _check_qmp_free(dom)
     call(dom.create, name=name)
-    return {"name": name, "state": state_name(dom), "action": "restored" if restored else "booted"}
+    result = {"name": name, "state": state_name(dom), "action": "booted"}
+    if restored:
+        result.update(action="restored", **_sync_clock(dom))
+    return result
+
+
+def _sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> dict[str, Any]:
+    """After a resume or a restore the guest's clock is behind by the time it was stopped:
+    set it from the host's through the agent (best effort: a guest without agent keeps
+    its clock, and says so)."""
+    if not dx.has_agent_channel(call(dom.XMLDesc, 0, name=dom.name())):
+        return {"clock": "not synced (no guest agent channel)"}
+    agent = Agent(dom)
+    if not wait_for(lambda: agent.answers(timeout=1), timeout=timeout, interval=0.05):
+        return {"clock": "not synced (the guest agent did not answer)"}
+    try:
+        offset = agent.set_time()
+    except OzoneError as err:
+        return {"clock": f"not synced ({err.message})"}
+    return {"clock": "synced", "clock_offset_s": round(offset, 3)}
 
 
 def wait_agent(conn: libvirt.virConnect, name: str, *, timeout: float) -> float:
@@ -310,7 +326,7 @@ def wait_agent(conn: libvirt.virConnect, name: str, *, timeout: float) -> float:
     def ready() -> bool:
         if not is_active(dom):
             raise StateError(f"{name} is not running", hint=f"`ozone start {name}`")
-        return agent_answers(dom, timeout=1)
+        return Agent(dom).answers(timeout=1)
 
     if not wait_for(ready, timeout=timeout, interval=0.1):
         raise TimeoutExpired(f"the guest agent of {name} did not answer within {timeout:g} s")
@@ -339,7 +355,7 @@ def stop(
 
 
 def _request_shutdown(dom: libvirt.virDomain) -> str:
-    if agent_answers(dom, timeout=1):
+    if Agent(dom).answers(timeout=1):
         try:
             dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
             return "agent"

@@ -1,0 +1,155 @@
+"""The QEMU guest agent (qemu-ga), reached through libvirt's agent passthrough.
+
+:class:`Agent` sends one command and returns its ``return`` value; every failure becomes an
+ozone error that says what went wrong in terms of the VM (not running, no agent channel, agent
+not answering, the guest refused). Higher layers (:mod:`.execute`, :mod:`.transfer`) build
+programs and file copies out of these calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import libvirt
+import libvirt_qemu
+
+from .connection import translate_agent_error
+from .errors import AgentCommandFailed, OzoneError, TimeoutExpired
+
+DEFAULT_TIMEOUT = 10  # seconds for one agent command (libvirt waits this long for the reply)
+# Sizes that the agent and libvirt accept in one call (measured, see ENVIRONMENT.md):
+# a reply over ~4 MiB fails in libvirt's RPC, a guest-file-write over ~128 KiB stalls qemu-ga.
+READ_CHUNK = 1 << 20
+WRITE_CHUNK = 128 << 10
+
+
+@dataclass(frozen=True)
+class ScriptResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+
+
+class Agent:
+    """One VM's guest agent."""
+
+    def __init__(self, dom: libvirt.virDomain) -> None:
+        self.dom = dom
+        self.name: str = dom.name()
+
+    def call(
+        self, command: str, arguments: dict[str, Any] | None = None, *, timeout: int = 0
+    ) -> Any:
+        request: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            request["arguments"] = arguments
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(
+                self.dom, json.dumps(request), timeout or DEFAULT_TIMEOUT, 0
+            )
+        except libvirt.libvirtError as err:
+            raise translate_agent_error(err, self.dom, command) from None
+        return json.loads(reply).get("return")
+
+    def answers(self, *, timeout: int = 2) -> bool:
+        try:
+            self.call("guest-ping", timeout=timeout)
+        except OzoneError:
+            return False
+        return True
+
+    # --- files ---------------------------------------------------------------------------
+
+    def open(self, path: str, mode: str) -> int:
+        return int(self.call("guest-file-open", {"path": path, "mode": mode}))
+
+    def read(self, handle: int, count: int = READ_CHUNK) -> tuple[bytes, bool]:
+        """Up to ``count`` bytes, and whether the read hit end of file."""
+        reply = self.call("guest-file-read", {"handle": handle, "count": count})
+        return base64.b64decode(reply.get("buf-b64", "")), bool(reply.get("eof"))
+
+    def write(self, handle: int, data: bytes) -> None:
+        """Write all of ``data`` (in chunks the agent accepts)."""
+        for start in range(0, len(data), WRITE_CHUNK):
+            piece = data[start : start + WRITE_CHUNK]
+            reply = self.call(
+                "guest-file-write",
+                {"handle": handle, "buf-b64": base64.b64encode(piece).decode()},
+            )
+            if reply.get("count") != len(piece):
+                raise AgentCommandFailed(
+                    "guest-file-write",
+                    f"wrote {reply.get('count')} of {len(piece)} bytes",
+                    name=self.name,
+                )
+
+    def flush(self, handle: int) -> None:
+        self.call("guest-file-flush", {"handle": handle})
+
+    def close(self, handle: int) -> None:
+        self.call("guest-file-close", {"handle": handle})
+
+    def exists(self, path: str) -> bool:
+        try:
+            handle = self.open(path, "r")
+        except AgentCommandFailed:
+            return False
+        self.close(handle)
+        return True
+
+    # --- processes -------------------------------------------------------------------------
+
+    def spawn(
+        self, path: str, args: list[str], *, env: list[str] | None = None, capture: bool = True
+    ) -> int:
+        request: dict[str, Any] = {"path": path, "arg": args, "capture-output": capture}
+        if env is not None:
+            request["env"] = env
+        return int(self.call("guest-exec", request)["pid"])
+
+    def status(self, pid: int) -> dict[str, Any]:
+        return dict(self.call("guest-exec-status", {"pid": pid}))
+
+    def script(self, script: str, *args: str, timeout: float = 30) -> ScriptResult:
+        """Run a short shell script of ozone's own (``sh -c SCRIPT ozone ARGS``) to completion,
+        with its output captured: for small jobs like stat, chmod, rm and kill."""
+        pid = self.spawn("/bin/sh", ["-c", script, "ozone", *args])
+        deadline = time.monotonic() + timeout
+        delay = 0.001
+        while True:
+            status = self.status(pid)
+            if status.get("exited"):
+                break
+            if time.monotonic() >= deadline:
+                raise TimeoutExpired(f"a helper command in {self.name} took over {timeout:g} s")
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        code = status.get("exitcode")
+        if code is None:
+            code = 128 + int(status.get("signal", 0))
+        return ScriptResult(
+            int(code),
+            base64.b64decode(status.get("out-data", "")),
+            base64.b64decode(status.get("err-data", "")),
+        )
+
+    # --- clock -----------------------------------------------------------------------------
+
+    def guest_time(self) -> int:
+        """The guest's clock, in nanoseconds since the epoch."""
+        return int(self.call("guest-get-time"))
+
+    def set_time(self) -> float:
+        """Set the guest's clock to the host's; returns how far off it was, in seconds."""
+        before = self.guest_time() - time.time_ns()
+        try:
+            self.call("guest-set-time", {"time": time.time_ns()})
+        except AgentCommandFailed as err:
+            # the system clock is set first; only copying it to the RTC (hwclock -w) failed
+            if "hwclock" not in err.detail:
+                raise
+        return before / 1e9
