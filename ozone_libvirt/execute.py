@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
+import libvirt
+
 from .agent import READ_CHUNK, Agent
 from .errors import (
     AgentCommandFailed,
@@ -49,7 +51,7 @@ Sink = Callable[[bytes], Any]
 GUEST_TMP = "/tmp"
 CAPTURE_LIMIT = 256 << 10  # each stream up to this size comes back in guest-exec-status
 STREAM_AFTER = 0.05  # seconds a program runs before its output is streamed
-FIRST_POLL = 0.015  # seconds from guest-exec to the first guest-exec-status
+FIRST_POLL = 0.02  # seconds from guest-exec to the first guest-exec-status
 POLL_MIN = 0.003
 POLL_MAX = 0.05  # longest pause between polls while nothing happens
 STDIN_CHUNK = 1 << 20
@@ -424,11 +426,25 @@ class _Run:
         except OzoneError as err:
             if isinstance(err, ExecTimeout | UsageError | ExecFailed):
                 raise
-            if isinstance(err, StateError) and self.pid:
+            if self.pid and (isinstance(err, StateError) or self._vm_went_away()):
                 raise ExecFailed(
                     f"{self.agent.name} stopped while `{self.command}` was running"
                 ) from None
             raise ExecFailed(err.message, hint=err.hint) from None
+
+    def _vm_went_away(self, *, within: float = 3.0) -> bool:
+        """After a failed agent call: is the VM stopping? (A destroy in progress first shows
+        as an agent that does not answer.)"""
+        give_up = time.monotonic() + within
+        while True:
+            try:
+                if not self.agent.dom.isActive():
+                    return True
+            except libvirt.libvirtError:
+                return True
+            if time.monotonic() >= give_up:
+                return False
+            time.sleep(0.1)
 
     def _spawn(self) -> int:
         args = [
