@@ -621,6 +621,227 @@ def clock(
         output.emit(f"{name}'s clock is {offset:+.3f} s from the host's")
 
 
+# --- snapshots, saved state ------------------------------------------------------------------
+
+snapshot_app = typer.Typer(
+    help="Snapshots of a VM (with memory when it runs).", no_args_is_help=True
+)
+app.add_typer(snapshot_app, name="snapshot")
+SnapArg = Annotated[str, typer.Argument(help="Snapshot name.", show_default=False)]
+
+
+@snapshot_app.command("create")
+@handles_errors
+def snapshot_create(
+    name: NameArg,
+    snap: Annotated[str | None, typer.Argument(help="Snapshot name (default: snap-DATE).")] = None,
+    description: Annotated[str, typer.Option(help="Free text kept with it.")] = "",
+    as_json: JsonOpt = False,
+) -> None:
+    """Take a snapshot: disks and memory of a running VM, disks of a shut-off one."""
+    from . import snapshots
+
+    with connection() as conn, progress(f"Snapshotting {name}…", as_json):
+        info = snapshots.create(conn, name, snap, description)
+    if as_json:
+        output.emit_json(info.to_dict())
+    else:
+        what = "disks and memory" if info.memory else "disks"
+        output.emit(f"Created snapshot {info.name} of {name} ({what}, {info.state})")
+
+
+@snapshot_app.command("list")
+@handles_errors
+def snapshot_list(name: NameArg, as_json: JsonOpt = False) -> None:
+    """List a VM's snapshots: name, creation time, state captured, parent."""
+    from . import snapshots
+
+    with connection() as conn:
+        infos = snapshots.list_snapshots(conn, name)
+    if as_json:
+        output.emit_json([i.to_dict() for i in infos])
+        return
+    rows = [
+        [
+            i.name + (" *" if i.current else ""),
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(i.created)),
+            i.state,
+            i.parent,
+        ]
+        for i in infos
+    ]
+    output.emit(output.table(["NAME", "CREATED", "STATE", "PARENT"], rows))
+
+
+@snapshot_app.command("revert")
+@handles_errors
+def snapshot_revert(name: NameArg, snap: SnapArg, as_json: JsonOpt = False) -> None:
+    """Go back to a snapshot (a running VM stays running; its clock is set from the host)."""
+    from . import snapshots
+
+    with connection() as conn, progress(f"Reverting {name} to {snap}…", as_json):
+        result = snapshots.revert(conn, name, snap)
+    if as_json:
+        output.emit_json(result)
+    else:
+        output.emit(f"Reverted {name} to {snap} ({result['state']})")
+
+
+@snapshot_app.command("delete")
+@handles_errors
+def snapshot_delete(name: NameArg, snap: SnapArg, as_json: JsonOpt = False) -> None:
+    """Delete a snapshot."""
+    from . import snapshots
+
+    with connection() as conn:
+        snapshots.delete(conn, name, snap)
+    if as_json:
+        output.emit_json({"name": name, "deleted": snap})
+    else:
+        output.emit(f"Deleted snapshot {snap} of {name}")
+
+
+@app.command()
+@handles_errors
+def save(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Save a running VM's state to disk and stop it; `ozone start` resumes it."""
+    from . import snapshots
+
+    with connection() as conn, progress(f"Saving {name}…", as_json):
+        result = snapshots.save(conn, name)
+    if as_json:
+        output.emit_json(result)
+    else:
+        output.emit(f"Saved {name} in {result['seconds']:.1f} s (`ozone start {name}` resumes it)")
+
+
+# --- ozone run, boot cache -----------------------------------------------------------------
+
+
+def _run_config(config_or_name: str) -> VMConfig:
+    """A config file by path or name, or the config an ozone VM of that name came from."""
+    from .config import find_config, load_config
+
+    try:
+        return load_config(find_config(config_or_name))
+    except OzoneError as not_a_config:
+        from . import vm
+
+        with connection() as conn:
+            dom = vm.find(conn, config_or_name)
+            meta = vm.metadata(dom) if dom is not None else None
+        if meta is None or not meta.source:
+            raise not_a_config from None
+        return load_config(meta.source)
+
+
+@app.command("run")
+@handles_exec_errors
+def run_(
+    config: ConfigArg,
+    command: Annotated[
+        list[str] | None, typer.Argument(help="The program and its arguments (after --).")
+    ] = None,
+    keep: Annotated[bool, typer.Option("--keep", help="Leave the VM running afterwards.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Boot, do not use or fill the boot cache.")
+    ] = False,
+    env: Annotated[
+        list[str] | None,
+        typer.Option("--env", "-e", help="NAME=VALUE for the program (NAME alone: the host's)."),
+    ] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
+    user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Kill the program after this many seconds (exit 124).")
+    ] = None,
+    interactive: Annotated[
+        bool, typer.Option("--interactive", "-i", help="Forward this stdin to the program.")
+    ] = False,
+    boot_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the guest agent when booting.")
+    ] = 120,
+) -> None:
+    """Run one command in a throwaway VM made from a config, then remove the VM.
+
+    ozone run [OPTIONS] CONFIG -- PROGRAM [ARGS]...  The VM is restored from the boot cache
+    when it holds this config's booted state (else booted, and the cache filled); it runs on
+    a fresh overlay over the config's disks, which are never written.
+    """
+    import signal
+
+    from . import run as runner
+
+    def terminate(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    environment = _environment(env or [])
+    cfg = _run_config(config)
+    options = runner.RunOptions(
+        keep=keep,
+        use_cache=not no_cache,
+        boot_timeout=boot_timeout,
+        report=output.info if G.verbose else (lambda _text: None),
+    )
+    with connection() as conn:
+        code = runner.run(
+            conn,
+            cfg,
+            command or [],
+            options,
+            env=environment,
+            cwd=cwd,
+            user=user,
+            stdin=sys.stdin.buffer if interactive else None,
+            timeout=timeout,
+            stdout=_stream_to(sys.stdout.fileno()),
+            stderr=_stream_to(sys.stderr.fileno()),
+        )
+    raise typer.Exit(code)
+
+
+cache_app = typer.Typer(help="The boot cache of `ozone run`.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+@handles_errors
+def cache_list(as_json: JsonOpt = False) -> None:
+    """Show the boot cache's entries: key, config, slots filled, size on disk, age."""
+    from . import run as runner
+
+    entries = runner.list_cache()
+    if as_json:
+        output.emit_json([e.to_dict() for e in entries])
+        return
+    rows = [
+        [e.key, e.config or e.name, e.slots, _memory(e.bytes), f"{e.age_s / 60:.0f} min"]
+        for e in entries
+    ]
+    output.emit(output.table(["KEY", "CONFIG", "SLOTS", "SIZE", "AGE"], rows))
+
+
+@cache_app.command("clear")
+@handles_errors
+def cache_clear(
+    config: Annotated[
+        str | None, typer.Argument(help="Only this config's entries (its path or name).")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Drop boot cache entries (all, or one config's); entries in use stay."""
+    from . import run as runner
+
+    if config is not None and Path(config).exists():
+        config = str(Path(config).resolve())
+    removed = runner.clear_cache(config=config)
+    if as_json:
+        output.emit_json({"removed": removed})
+    else:
+        output.emit(f"Removed {len(removed)} boot cache entr{'y' if len(removed) == 1 else 'ies'}")
+
+
 def main() -> None:
     try:
         app(prog_name="ozone")

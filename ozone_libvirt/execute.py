@@ -50,9 +50,9 @@ Sink = Callable[[bytes], Any]
 
 GUEST_TMP = "/tmp"
 CAPTURE_LIMIT = 256 << 10  # each stream up to this size comes back in guest-exec-status
-STREAM_AFTER = 0.05  # seconds a program runs before its output is streamed
+STREAM_AFTER = 0.1  # seconds a program runs before its output is streamed
 FIRST_POLL = 0.02  # seconds from guest-exec to the first guest-exec-status
-POLL_MIN = 0.003
+POLL_MIN = 0.002
 POLL_MAX = 0.05  # longest pause between polls while nothing happens
 STDIN_CHUNK = 1 << 20
 STDIN_WINDOW = 4
@@ -470,7 +470,7 @@ class _Run:
             self.feeder = _StdinFeeder(self.agent, self.prefix, self.stdin)
         # every status poll also costs the guest CPU time (qemu-ga wakes up and answers), which
         # on a one-vCPU TCG guest slows the program down: the first poll comes when a short
-        # program has about finished, the next ones every few ms, then further apart
+        # program has about finished, the next ones after 2 ms, then 25% further apart each
         time.sleep(FIRST_POLL)
         delay = POLL_MIN
         streaming = False
@@ -495,7 +495,7 @@ class _Run:
                     busy = self.outputs[0].pump() | self.outputs[1].pump()
                 if self.feeder is not None:
                     busy = self.feeder.step() or busy
-                delay = POLL_MIN if busy or now - began < 0.2 else min(delay * 1.5, POLL_MAX)
+                delay = POLL_MIN if busy else min(delay * 1.25, POLL_MAX)
                 if not busy:
                     pause = delay if deadline is None else min(delay, deadline - now)
                     time.sleep(max(pause, 0.0))

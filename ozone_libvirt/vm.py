@@ -285,7 +285,7 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
         state = state_name(dom)
         if state == "paused":
             call(dom.resume, name=name)
-            return {"name": name, "state": "running", "action": "resumed", **_sync_clock(dom)}
+            return {"name": name, "state": "running", "action": "resumed", **sync_clock(dom)}
         return {"name": name, "state": state, "action": "none"}
     restored = _has_managed_save(dom)
     if is_local(conn):
@@ -293,11 +293,11 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
     call(dom.create, name=name)
     result = {"name": name, "state": state_name(dom), "action": "booted"}
     if restored:
-        result.update(action="restored", **_sync_clock(dom))
+        result.update(action="restored", **sync_clock(dom))
     return result
 
 
-def _sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> dict[str, Any]:
+def sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> dict[str, Any]:
     """After a resume or a restore the guest's clock is behind by the time it was stopped:
     set it from the host's through the agent (best effort: a guest without agent keeps
     its clock, and says so)."""

@@ -1,0 +1,434 @@
+"""`ozone run`: a throwaway VM from a config, one command in it, nothing left behind; and
+the boot cache that makes it start in a fraction of a boot.
+
+The boot cache keeps, per config, the saved state (libvirt save image) of a guest taken right
+after its agent first answered, together with the disk overlays it ran on. An entry's key
+covers everything that state depends on: the config, the QEMU and libvirt versions, the
+machine type and accelerator, and the identity (size, mtime, inode) of the ISO, kernel,
+initrd, BIOS, QEMU binary and base disks. Change any of them and the key changes: a miss.
+
+A save image restores only under the name and UUID it was saved with (libvirt checks both),
+so an entry has a few *slots*, each a save image of its own under its own name; a run locks
+one slot, and runs of the same config at once use different slots (or, when all are busy,
+boot without the cache). The slot's overlays are never written after the save: each run puts
+a fresh qcow2 overlay over them, so a memory image is never paired with a disk that changed
+after it was taken, and the config's base disks are never written at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import libvirt
+from lxml import etree
+
+from . import domain_xml as dx
+from . import execute
+from .agent import Agent
+from .config import Disk, Qmp, VMConfig, check_host_paths
+from .connection import call, host_facts, is_local, translate
+from .errors import OzoneError, StateError, TimeoutExpired
+from .storage import create_disk
+from .vm import wait_for
+
+SLOTS = 4
+Report = Callable[[str], None]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OZONE_CACHE_DIR", "/var/lib/libvirt/images/ozone-cache"))
+
+
+def run_root() -> Path:
+    return Path(os.environ.get("OZONE_RUN_DIR", "/var/lib/libvirt/images/ozone-runs"))
+
+
+def _identity(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def _mkdir(path: Path) -> Path:
+    """A folder QEMU (another user) can enter."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    return path
+
+
+# --- the key -------------------------------------------------------------------------------
+
+
+def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -> dict[str, Any]:
+    """Everything a saved boot state depends on."""
+    generic = dataclasses.replace(config, name="x", qmp=Qmp(kind="off"), source=None)
+    files = [config.cdrom, config.kernel, config.initrd]
+    files += [p for d in config.disks for p in (d.path, d.backing)]
+    if is_local(conn):
+        files += [Path("/usr/share/seabios/bios-256k.bin"), Path("/usr/bin/qemu-system-x86_64")]
+    return {
+        "config": generic.hash,
+        "qemu": call(conn.getVersion),
+        "libvirt": call(conn.getLibVersion),
+        "machine": config.machine,
+        "type": dx.domain_type(config, facts),
+        "files": {str(p): _identity(p) for p in files if p is not None},
+    }
+
+
+def _digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- entries and slots ---------------------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """One save image of an entry, usable by one run at a time."""
+
+    entry: Path
+    index: int
+    domain_name: str
+    lock: IO[str] | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.entry / f"slot-{self.index}"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state.save"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "slot.json"
+
+    def valid(self) -> bool:
+        try:
+            meta = json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return False
+        if not self.state.is_file():
+            return False
+        return all(_identity(Path(p)) == ident for p, ident in meta["disks"].items())
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+
+def _entry_dir(key: str) -> Path:
+    return cache_root() / key
+
+
+def acquire_slot(conn: libvirt.virConnect, config: VMConfig, parts: dict[str, Any]) -> Slot | None:
+    """Lock a free slot of the config's entry (creating the entry), or None if all are busy."""
+    key = _digest(parts)
+    entry = _mkdir(_entry_dir(key))
+    info = entry / "entry.json"
+    if not info.exists():
+        data = {
+            "key": key,
+            "config": str(config.source) if config.source else None,
+            "name": config.name,
+            "created": time.time(),
+            "parts": parts,
+        }
+        info.write_text(json.dumps(data, indent=2))
+    for index in range(SLOTS):
+        slot = Slot(entry, index, f"{config.name[:40]}-run{index}-{key[:8]}")
+        _mkdir(slot.dir)
+        handle = (slot.dir / "lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:  # a VM kept with --keep still holds the slot's name
+            conn.lookupByName(slot.domain_name)
+            handle.close()
+            continue
+        except libvirt.libvirtError:
+            pass
+        slot.lock = handle
+        return slot
+    return None
+
+
+@dataclass
+class CacheEntryInfo:
+    key: str
+    config: str | None
+    name: str
+    slots: int  # filled
+    bytes: int
+    age_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def list_cache() -> list[CacheEntryInfo]:
+    root = cache_root()
+    if not root.is_dir():
+        return []
+    entries = []
+    for entry in sorted(root.iterdir()):
+        try:
+            info = json.loads((entry / "entry.json").read_text())
+        except (OSError, ValueError):
+            continue
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        slots = sum(1 for s in entry.glob("slot-*") if (s / "state.save").is_file())
+        entries.append(
+            CacheEntryInfo(
+                key=info["key"],
+                config=info.get("config"),
+                name=info.get("name", "?"),
+                slots=slots,
+                bytes=size,
+                age_s=round(time.time() - info.get("created", time.time()), 1),
+            )
+        )
+    return entries
+
+
+def clear_cache(*, config: str | None = None, except_key: str | None = None) -> list[str]:
+    """Remove entries (those of one config file, when given) whose slots are not in use."""
+    removed = []
+    for entry in list_cache():
+        if entry.key == except_key:
+            continue
+        if config is not None and entry.config != config and entry.name != config:
+            continue
+        path = _entry_dir(entry.key)
+        with _all_slots_locked(path) as free:
+            if free:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(entry.key)
+    return removed
+
+
+@contextlib.contextmanager
+def _all_slots_locked(entry: Path) -> Iterator[bool]:
+    handles = []
+    try:
+        for lock in entry.glob("slot-*/lock"):
+            handle = lock.open("a")
+            handles.append(handle)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+        yield True
+    finally:
+        for handle in handles:
+            handle.close()
+
+
+# --- booting, saving, restoring ------------------------------------------------------------
+
+
+def _overlays(config: VMConfig, folder: Path, over: list[Path] | None = None) -> list[Disk]:
+    """qcow2 overlays in ``folder`` over the config's disks (or over ``over``)."""
+    disks = []
+    for i, disk in enumerate(config.disks):
+        target = folder / f"disk{i}.qcow2"
+        base = over[i] if over is not None else disk.path
+        if base.exists():
+            create_disk(Disk(path=target, backing=base))
+        elif disk.size is not None:  # nothing to protect: a blank disk of that size
+            create_disk(Disk(path=target, size=disk.size))
+        else:
+            raise OzoneError(f"disk {disk.path} does not exist and has no size to create it")
+        disks.append(Disk(path=target, format="qcow2", bus=disk.bus))
+    return disks
+
+
+def _transient(
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    facts: dx.HostFacts,
+    name: str,
+    disks: list[Disk],
+) -> libvirt.virDomain:
+    run_config = dataclasses.replace(
+        config, name=name, disks=tuple(disks), qmp=Qmp(kind="off"), serial_log=None
+    )
+    xml = dx.to_string(
+        dx.build_domain(run_config, facts=facts, qmp_endpoint=None, uuid=str(uuidlib.uuid4()))
+    )
+    return call(conn.createXML, xml, 0, name=name)
+
+
+def _wait_agent(dom: libvirt.virDomain, timeout: float) -> None:
+    agent = Agent(dom)
+
+    def ready() -> bool:
+        if not dom.isActive():
+            raise StateError(f"{dom.name()} stopped while booting")
+        return agent.answers(timeout=1)
+
+    if not wait_for(ready, timeout=timeout, interval=0.05):
+        raise TimeoutExpired(f"the guest agent of {dom.name()} did not answer within {timeout:g} s")
+
+
+def _set_clock(dom: libvirt.virDomain, *, timeout: float) -> None:
+    """Set a restored guest's clock, which stopped when its state was saved (the first agent
+    command after the restore: it also tells that the agent answers)."""
+    agent = Agent(dom)
+    give_up = time.monotonic() + timeout
+    while True:
+        try:
+            agent.set_time(report_offset=False)
+            return
+        except OzoneError:
+            if time.monotonic() >= give_up or not dom.isActive():
+                raise
+            time.sleep(0.05)
+
+
+def fill(
+    conn: libvirt.virConnect,
+    slot: Slot,
+    config: VMConfig,
+    facts: dx.HostFacts,
+    *,
+    boot_timeout: float,
+) -> None:
+    """Boot the config under the slot's name, wait for its agent, save its state."""
+    shutil.rmtree(slot.dir / "disks", ignore_errors=True)
+    for stale in (slot.state, slot.meta):
+        stale.unlink(missing_ok=True)
+    disks_dir = _mkdir(slot.dir / "disks")
+    disks = _overlays(config, disks_dir)
+    dom = _transient(conn, config, facts, slot.domain_name, disks)
+    try:
+        _wait_agent(dom, boot_timeout)
+        partial = slot.dir / "state.save.part"
+        call(dom.save, str(partial), name=slot.domain_name)  # the transient domain ends here
+        partial.rename(slot.state)
+    except BaseException:
+        with contextlib.suppress(libvirt.libvirtError):
+            dom.destroy()
+        raise
+    meta = {
+        "name": slot.domain_name,
+        "created": time.time(),
+        "disks": {str(d.path): _identity(d.path) for d in disks},
+    }
+    slot.meta.write_text(json.dumps(meta, indent=2))
+
+
+def restore(conn: libvirt.virConnect, slot: Slot, run_dir: Path) -> libvirt.virDomain:
+    """Start the slot's saved state on fresh overlays over the slot's disks."""
+    meta = json.loads(slot.meta.read_text())
+    slot_disks = [Path(p) for p in meta["disks"]]
+    mapping = {}
+    for i, base in enumerate(slot_disks):
+        target = run_dir / f"disk{i}.qcow2"
+        create_disk(Disk(path=target, backing=base))
+        mapping[str(base)] = str(target)
+    xml = call(conn.saveImageGetXMLDesc, str(slot.state), libvirt.VIR_DOMAIN_XML_SECURE)
+    root = etree.fromstring(xml.encode())
+    for source in root.iterfind("devices/disk/source"):
+        if source.get("file") in mapping:
+            source.set("file", mapping[source.get("file")])
+    dxml = etree.tostring(root, encoding="unicode")
+    call(conn.restoreFlags, str(slot.state), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+    return call(conn.lookupByName, slot.domain_name, name=slot.domain_name)
+
+
+# --- ozone run -----------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    keep: bool = False
+    use_cache: bool = True
+    boot_timeout: float = 120
+    report: Report = lambda _text: None
+
+
+def run(
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    argv: list[str],
+    options: RunOptions,
+    **exec_options: Any,
+) -> int:
+    """Start a throwaway VM from ``config`` (restored from the boot cache when it can be),
+    run ``argv`` in it as :func:`execute.run` does, remove the VM and its overlays (also on
+    errors, timeouts and Ctrl-C). Returns the program's exit status."""
+    execute.check_argv(argv, exec_options.get("env"))
+    facts = host_facts(conn)
+    dx.check_machine(config, facts)
+    check_host_paths(dataclasses.replace(config, disks=()))
+    report = options.report
+    slot = None
+    parts: dict[str, Any] = {}
+    if options.use_cache:
+        parts = cache_key(conn, config, facts)
+        slot = acquire_slot(conn, config, parts)
+        if slot is None:
+            report(f"all {SLOTS} boot cache slots of {config.name} are busy: booting")
+    run_dir = _mkdir(run_root()) / f"{config.name[:40]}-{secrets.token_hex(4)}"
+    _mkdir(run_dir)
+    dom: libvirt.virDomain | None = None
+    began = time.monotonic()
+    try:
+        if slot is not None:
+            if not slot.valid():
+                report(f"boot cache miss for {config.name}: booting and saving its state")
+                fill(conn, slot, config, facts, boot_timeout=options.boot_timeout)
+                clear_cache(config=str(config.source), except_key=_digest(parts))
+            else:
+                report(f"boot cache hit for {config.name}")
+            dom = restore(conn, slot, run_dir)
+            _set_clock(dom, timeout=30)
+        else:
+            name = f"{config.name[:40]}-run-{secrets.token_hex(3)}"
+            dom = _transient(conn, config, facts, name, _overlays(config, run_dir))
+            _wait_agent(dom, options.boot_timeout)
+        report(f"{dom.name()} ready in {time.monotonic() - began:.2f} s")
+        return execute.run(Agent(dom), argv, **exec_options)
+    finally:
+        if options.keep and dom is not None:
+            report(f"kept {dom.name()} running (its disks are in {run_dir})")
+        else:
+            _discard(dom, run_dir)
+        if slot is not None:
+            slot.release()
+
+
+def _discard(dom: libvirt.virDomain | None, run_dir: Path) -> None:
+    if dom is not None:
+        name = dom.name()
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN,) and dom.isActive():
+                raise translate(err, name=name) from None
+        if "-run-" in name:  # a one-off name: its logs would pile up
+            for log in (f"{name}-serial.log", f"{name}.log"):
+                with contextlib.suppress(OSError):
+                    (Path("/var/log/libvirt/qemu") / log).unlink()
+    shutil.rmtree(run_dir, ignore_errors=True)

@@ -1,0 +1,129 @@
+"""Snapshots (libvirt's own, internal to the qcow2 disks) and saved state (managed save).
+
+A running VM's snapshot holds its memory too, so reverting to it resumes the programs that
+were running; a shut-off VM's snapshot holds its disks only. After a revert to a running
+state, or a resume from saved state, the guest clock is set from the host's.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import libvirt
+from lxml import etree
+
+from .connection import call, lookup, translate
+from .errors import OzoneError, StateError, UsageError
+from .vm import is_active, state_name, sync_clock
+
+
+@dataclass
+class SnapshotInfo:
+    name: str
+    created: int  # seconds since the epoch
+    state: str  # the VM's state captured: running, paused, shutoff, ...
+    parent: str | None
+    current: bool
+    memory: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _describe(snap: libvirt.virDomainSnapshot) -> SnapshotInfo:
+    root = etree.fromstring(call(snap.getXMLDesc, 0).encode())
+    parent = root.findtext("parent/name")
+    memory = root.find("memory")
+    return SnapshotInfo(
+        name=snap.getName(),
+        created=int(root.findtext("creationTime") or 0),
+        state=root.findtext("state") or "unknown",
+        parent=parent,
+        current=bool(snap.isCurrent(0)),
+        memory=memory is not None and memory.get("snapshot") not in (None, "no"),
+    )
+
+
+def _snapshot(dom: libvirt.virDomain, snap: str) -> libvirt.virDomainSnapshot:
+    try:
+        return dom.snapshotLookupByName(snap, 0)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
+            raise OzoneError(
+                f"{dom.name()} has no snapshot {snap!r}",
+                hint=f"`ozone snapshot list {dom.name()}` shows its snapshots",
+            ) from None
+        raise translate(err, name=dom.name()) from None
+
+
+def create(
+    conn: libvirt.virConnect, name: str, snap: str | None = None, description: str = ""
+) -> SnapshotInfo:
+    dom = lookup(conn, name)
+    snap = snap or time.strftime("snap-%Y%m%d-%H%M%S")
+    if not snap.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise UsageError(f"snapshot name {snap!r}: use letters, digits, '.', '_' and '-'")
+    root = etree.Element("domainsnapshot")
+    etree.SubElement(root, "name").text = snap
+    if description:
+        etree.SubElement(root, "description").text = description
+    xml = etree.tostring(root, encoding="unicode")
+    try:
+        created = dom.snapshotCreateXML(xml, 0)
+    except libvirt.libvirtError as err:
+        message = err.get_error_message() or str(err)
+        if "already exists" in message:
+            raise OzoneError(f"{name} already has a snapshot {snap!r}") from None
+        if "internal snapshot" in message or "qcow2" in message or "can accept" in message:
+            raise StateError(
+                f"cannot snapshot {name}: {message}",
+                hint="snapshots live inside qcow2 disks: give the VM a qcow2 disk in its config",
+            ) from None
+        raise translate(err, name=name) from None
+    return _describe(created)
+
+
+def list_snapshots(conn: libvirt.virConnect, name: str) -> list[SnapshotInfo]:
+    dom = lookup(conn, name)
+    infos = [_describe(s) for s in call(dom.listAllSnapshots, 0, name=name)]
+    return sorted(infos, key=lambda s: (s.created, s.name))
+
+
+def revert(conn: libvirt.virConnect, name: str, snap: str) -> dict[str, Any]:
+    """Go back to a snapshot. A running VM stays running (from the snapshot's memory when it
+    has one, else booted from its disks), with its guest clock set from the host."""
+    dom = lookup(conn, name)
+    snapshot = _snapshot(dom, snap)
+    flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING if is_active(dom) else 0
+    try:
+        dom.revertToSnapshot(snapshot, flags)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_SNAPSHOT_REVERT_RISKY:
+            raise translate(err, name=name) from None
+        call(
+            dom.revertToSnapshot,
+            snapshot,
+            flags | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE,
+            name=name,
+        )
+    result: dict[str, Any] = {"name": name, "snapshot": snap, "state": state_name(dom)}
+    if is_active(dom):
+        result.update(sync_clock(dom))
+    return result
+
+
+def delete(conn: libvirt.virConnect, name: str, snap: str) -> None:
+    dom = lookup(conn, name)
+    call(_snapshot(dom, snap).delete, 0, name=name)
+
+
+def save(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
+    """Save the running VM's state to disk and stop it; `start` resumes from it."""
+    dom = lookup(conn, name)
+    if not is_active(dom):
+        raise StateError(f"{name} is not running: nothing to save")
+    began = time.monotonic()
+    call(dom.managedSave, 0, name=name)
+    return {"name": name, "state": "saved", "seconds": round(time.monotonic() - began, 3)}
