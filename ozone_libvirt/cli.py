@@ -479,6 +479,9 @@ def handles_exec_errors(fn: F) -> F:
         except OzoneError as err:
             output.error(err, as_json=False)
             raise typer.Exit(EXIT_OZONE) from None
+        except KeyboardInterrupt:
+            sys.stderr.write("interrupted\n")
+            raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import queue
 import re
 import secrets
+import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -387,6 +389,24 @@ def run(
     return _Run(agent, argv, env, cwd, user, stdin, timeout, stdout, stderr).run()
 
 
+@contextlib.contextmanager
+def _signals_recorded() -> Iterator[list[int]]:
+    """While a program runs, SIGINT and SIGTERM are noted (and acted on between agent calls)
+    instead of interrupting ozone halfway through handing over a piece of output."""
+    caught: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield caught
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, lambda signum, _frame: caught.append(signum))
+    try:
+        yield caught
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class _Run:
     def __init__(
         self,
@@ -463,20 +483,30 @@ class _Run:
         return self.agent.spawn("/bin/sh", args, env=env)
 
     def _run(self) -> int:
-        began = time.monotonic()
-        deadline = began + self.timeout if self.timeout else None
-        self.pid = self._spawn()
-        if self.stdin is not None:
-            self.feeder = _StdinFeeder(self.agent, self.prefix, self.stdin)
-        # every status poll also costs the guest CPU time (qemu-ga wakes up and answers), which
-        # on a one-vCPU TCG guest slows the program down: the first poll comes when a short
-        # program has about finished, the next ones after 2 ms, then 25% further apart each
-        time.sleep(FIRST_POLL)
-        delay = POLL_MIN
-        streaming = False
-        interrupts = 0
-        while True:
-            try:
+        with _signals_recorded() as signals:
+            began = time.monotonic()
+            deadline = began + self.timeout if self.timeout else None
+            self.pid = self._spawn()
+            if self.stdin is not None:
+                self.feeder = _StdinFeeder(self.agent, self.prefix, self.stdin)
+            # every status poll also costs the guest CPU time (qemu-ga wakes up and answers),
+            # which on a one-vCPU TCG guest slows the program down: the first poll comes when
+            # a short program has about finished, the next after 2 ms, then 25% further apart
+            time.sleep(FIRST_POLL)
+            delay = POLL_MIN
+            streaming = False
+            forwarded = 0
+            while True:
+                if len(signals) > forwarded:
+                    # Ctrl-C: like at a terminal, the program gets SIGINT; a second one, or
+                    # SIGTERM, kills it and ozone stops
+                    forwarded = len(signals)
+                    if forwarded == 1 and signals[0] == signal.SIGINT:
+                        self._kill("INT")
+                    else:
+                        self._kill("KILL")
+                        self._finish_without_header()
+                        raise KeyboardInterrupt
                 status = self.agent.status(self.pid)
                 if status.get("exited"):
                     break
@@ -499,13 +529,7 @@ class _Run:
                 if not busy:
                     pause = delay if deadline is None else min(delay, deadline - now)
                     time.sleep(max(pause, 0.0))
-            except KeyboardInterrupt:
-                interrupts += 1
-                self._kill("INT" if interrupts == 1 else "KILL")
-                if interrupts > 1:
-                    self._finish_without_header()
-                    raise
-        return self._finish(status)
+            return self._finish(status)
 
     def _start_streaming(self) -> bool:
         out, err = self.outputs

@@ -76,7 +76,8 @@ def create(
         message = err.get_error_message() or str(err)
         if "already exists" in message:
             raise OzoneError(f"{name} already has a snapshot {snap!r}") from None
-        if "internal snapshot" in message or "qcow2" in message or "can accept" in message:
+        unsupported = (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, libvirt.VIR_ERR_OPERATION_UNSUPPORTED)
+        if err.get_error_code() in unsupported or "qcow2" in message:
             raise StateError(
                 f"cannot snapshot {name}: {message}",
                 hint="snapshots live inside qcow2 disks: give the VM a qcow2 disk in its config",

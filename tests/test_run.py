@@ -122,7 +122,7 @@ def test_nothing_left_after_timeout_no_cache_and_sigint(config, env):
     try:
         assert child.stdout.readline() == b"started\n"
         child.send_signal(signal.SIGINT)
-        assert child.wait(timeout=60) == 128 + signal.SIGINT
+        assert child.wait(timeout=60) == 128 + signal.SIGINT, child.stderr.read()
     finally:
         child.kill()
     assert leftovers(name, env) == []
