@@ -31,8 +31,8 @@ demo: guest
 
 test: setup-test
 	@scripts/build-guest-iso
-	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py scripts/bench-exec
-	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py scripts/bench-exec
+	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
+	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # quick tests only: no guest boots
@@ -40,8 +40,8 @@ unit: setup
 	@$(PY) -m pytest -ra -m "not guest" $(PYTEST_ARGS)
 
 lint: setup
-	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py scripts/bench-exec
-	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py scripts/bench-exec
+	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
+	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
 
 # regenerate the golden domain XML in xml/ from examples/ (then review the diff)
 xml: setup
@@ -54,3 +54,4 @@ clean-demo:
 bench: guest
 	@$(PY) scripts/bench-lifecycle.py
 	@$(PY) scripts/bench-exec
+	@$(PY) scripts/bench-run
