@@ -486,6 +486,24 @@ def handles_exec_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+# the options `exec` and `run` share
+CommandArg = Annotated[
+    list[str] | None, typer.Argument(help="The program and its arguments (after --).")
+]
+EnvOpt = Annotated[
+    list[str] | None,
+    typer.Option("--env", "-e", help="NAME=VALUE for the program (NAME alone: the host's)."),
+]
+CwdOpt = Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")]
+UserOpt = Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")]
+TimeoutOpt = Annotated[
+    float | None, typer.Option(help="Kill the program after this many seconds (exit 124).")
+]
+InteractiveOpt = Annotated[
+    bool, typer.Option("--interactive", "-i", help="Forward this stdin to the program.")
+]
+
+
 def _environment(items: list[str]) -> dict[str, str]:
     env = {}
     for item in items:
@@ -511,21 +529,12 @@ def _stream_to(fd: int) -> Callable[[bytes], None]:
 @handles_exec_errors
 def exec_(
     name: NameArg,
-    command: Annotated[
-        list[str] | None, typer.Argument(help="The program and its arguments (after --).")
-    ] = None,
-    env: Annotated[
-        list[str] | None,
-        typer.Option("--env", "-e", help="NAME=VALUE for the program (NAME alone: the host's)."),
-    ] = None,
-    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
-    user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")] = None,
-    timeout: Annotated[
-        float | None, typer.Option(help="Kill the program after this many seconds (exit 124).")
-    ] = None,
-    interactive: Annotated[
-        bool, typer.Option("--interactive", "-i", help="Forward this stdin to the program.")
-    ] = False,
+    command: CommandArg = None,
+    env: EnvOpt = None,
+    cwd: CwdOpt = None,
+    user: UserOpt = None,
+    timeout: TimeoutOpt = None,
+    interactive: InteractiveOpt = False,
     sync_clock: Annotated[
         bool, typer.Option("--sync-clock", help="Set the guest clock from the host's first.")
     ] = False,
@@ -742,25 +751,16 @@ def _run_config(config_or_name: str) -> VMConfig:
 @handles_exec_errors
 def run_(
     config: ConfigArg,
-    command: Annotated[
-        list[str] | None, typer.Argument(help="The program and its arguments (after --).")
-    ] = None,
+    command: CommandArg = None,
     keep: Annotated[bool, typer.Option("--keep", help="Leave the VM running afterwards.")] = False,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Boot, do not use or fill the boot cache.")
     ] = False,
-    env: Annotated[
-        list[str] | None,
-        typer.Option("--env", "-e", help="NAME=VALUE for the program (NAME alone: the host's)."),
-    ] = None,
-    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
-    user: Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")] = None,
-    timeout: Annotated[
-        float | None, typer.Option(help="Kill the program after this many seconds (exit 124).")
-    ] = None,
-    interactive: Annotated[
-        bool, typer.Option("--interactive", "-i", help="Forward this stdin to the program.")
-    ] = False,
+    env: EnvOpt = None,
+    cwd: CwdOpt = None,
+    user: UserOpt = None,
+    timeout: TimeoutOpt = None,
+    interactive: InteractiveOpt = False,
     boot_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the guest agent when booting.")
     ] = 120,
@@ -838,7 +838,8 @@ def cache_clear(
 
     if config is not None and Path(config).exists():
         config = str(Path(config).resolve())
-    removed = runner.clear_cache(config=config)
+    with connection() as conn:
+        removed = runner.clear_cache(conn, config=config)
     if as_json:
         output.emit_json({"removed": removed})
     else:

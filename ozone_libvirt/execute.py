@@ -64,6 +64,7 @@ KILL_WAIT = 10.0
 # needs: under TCG the guest's shell costs about 0.5 ms per command it reads, so the common
 # path (no cwd, user or stdin) is kept to a few lines. Arguments: PREFIX LIMIT CWD USER -- ARGV.
 _HEAD = """unset OZONE_EXEC
+P=$PATH PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 p=$1 n=$2 c=$3 u=$4
 shift 5
 set -C
@@ -81,9 +82,10 @@ _FAIL = """fail() {
 _CWD = """cd -- "$c" || fail "cannot change to directory $c"
 """
 _USER = """id -u -- "$u" >/dev/null || fail "no user $u"
-set -- su -s /bin/sh "$u" -c 'exec "$0" "$@"' "$@"
+set -- "$(command -v su)" -s /bin/sh "$u" -c 'exec "$0" "$@"' "$@"
 """
-_EXEC = """(command -v -- "$1" >/dev/null || {
+_EXEC = """(PATH=$P
+command -v -- "$1" >/dev/null || {
   printf '%s: command not found\\n' "$1" >&2
   exit 127
 }; exec "$@")"""
@@ -96,7 +98,7 @@ r=$?
 _RUN_STDIN = (
     """mkfifo -m 600 "$p.ctl" "$p.in" || fail "cannot make FIFOs $p.ctl, $p.in"
 (
-  exec 5<>"$p.ctl" >"$p.in"
+  exec 3>&- 4>&- 6>&- 5<>"$p.ctl" >"$p.in"
   while read -r k <&5 && [ "$k" != eof ]; do
     cat -- "$p.in.$k" || break
     rm -f -- "$p.in.$k"
@@ -217,6 +219,7 @@ class _Output:
         self.sink = sink
         self.offset = 0
         self.handle: int | None = None
+        self.closed = False
 
     def open(self) -> bool:
         try:
@@ -226,9 +229,15 @@ class _Output:
         return True
 
     def deliver(self, data: bytes) -> None:
-        if data:
+        if not data:
+            return
+        self.offset += len(data)
+        if self.closed:
+            return
+        try:
             self.sink(data)
-            self.offset += len(data)
+        except BrokenPipeError:
+            self.closed = True  # nobody reads any more (`ozone exec … | head`)
 
     def pump(self, *, max_calls: int = 8) -> bool:
         """Read what is new; True if anything was."""
@@ -262,7 +271,8 @@ class _Output:
             self.deliver(data)
             if not data and eof:
                 break
-        if size is not None and self.offset != size:
+        # more than `size` is fine: a child left running may write after the wrapper measured
+        if size is not None and self.offset < size:
             raise ExecFailed(
                 f"the program wrote {size} bytes to {self.path} but only {self.offset} arrived"
             )
@@ -390,6 +400,15 @@ def run(
 
 
 @contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT/SIGTERM off while the block runs (a clean-up); act on them afterwards."""
+    with _signals_recorded() as caught:
+        yield
+    if caught:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def _signals_recorded() -> Iterator[list[int]]:
     """While a program runs, SIGINT and SIGTERM are noted (and acted on between agent calls)
     instead of interrupting ozone halfway through handing over a piece of output."""
@@ -443,14 +462,30 @@ class _Run:
     def run(self) -> int:
         try:
             return self._run()
+        except ExecTimeout:
+            raise
         except OzoneError as err:
-            if isinstance(err, ExecTimeout | UsageError | ExecFailed):
+            gone = bool(self.pid) and (isinstance(err, StateError) or self._vm_went_away())
+            if self.pid and not gone:
+                self._abandon()
+            if isinstance(err, UsageError | ExecFailed):
                 raise
-            if self.pid and (isinstance(err, StateError) or self._vm_went_away()):
+            if gone:
                 raise ExecFailed(
                     f"{self.agent.name} stopped while `{self.command}` was running"
                 ) from None
             raise ExecFailed(err.message, hint=err.hint) from None
+
+    def _abandon(self) -> None:
+        """After a failure halfway: kill the program and remove its files, as far as the
+        agent still lets us."""
+        with contextlib.suppress(OzoneError):
+            self._kill("KILL")
+        for output in self.outputs:
+            with contextlib.suppress(OzoneError):
+                output.close()
+        with contextlib.suppress(OzoneError):
+            self._cleanup(force=True)
 
     def _vm_went_away(self, *, within: float = 3.0) -> bool:
         """After a failed agent call: is the VM stopping? (A destroy in progress first shows
@@ -510,6 +545,10 @@ class _Run:
                 status = self.agent.status(self.pid)
                 if status.get("exited"):
                     break
+                if any(output.closed for output in self.outputs):
+                    self._kill("KILL")  # like a local program that gets SIGPIPE
+                    self._finish_without_header()
+                    return 128 + signal.SIGPIPE
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
                     self._kill("KILL")
@@ -588,10 +627,10 @@ class _Run:
         if force:
             self.agent.script(CLEANUP, self.prefix)
 
-    def _kill(self, signal: str) -> None:
+    def _kill(self, sig: str) -> None:
         """Signal the wrapper, the program and everything the program started."""
-        self.agent.script(KILL, signal, str(self.pid))
-        if signal == "KILL":
+        self.agent.script(KILL, sig, str(self.pid))
+        if sig == "KILL":
             give_up = time.monotonic() + KILL_WAIT
             while not self.agent.status(self.pid).get("exited"):
                 if time.monotonic() >= give_up:

@@ -42,7 +42,7 @@ from .config import Disk, Qmp, VMConfig, check_host_paths
 from .connection import call, host_facts, is_local, translate
 from .errors import OzoneError, StateError, TimeoutExpired
 from .storage import create_disk
-from .vm import wait_for
+from .vm import is_active, wait_for
 
 SLOTS = 4
 Report = Callable[[str], None]
@@ -195,7 +195,10 @@ def list_cache() -> list[CacheEntryInfo]:
             info = json.loads((entry / "entry.json").read_text())
         except (OSError, ValueError):
             continue
-        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        size = 0
+        for f in entry.rglob("*"):
+            with contextlib.suppress(OSError):  # a fill may be renaming its files right now
+                size += f.stat().st_size if f.is_file() else 0
         slots = sum(1 for s in entry.glob("slot-*") if (s / "state.save").is_file())
         entries.append(
             CacheEntryInfo(
@@ -210,8 +213,14 @@ def list_cache() -> list[CacheEntryInfo]:
     return entries
 
 
-def clear_cache(*, config: str | None = None, except_key: str | None = None) -> list[str]:
-    """Remove entries (those of one config file, when given) whose slots are not in use."""
+def clear_cache(
+    conn: libvirt.virConnect | None = None,
+    *,
+    config: str | None = None,
+    except_key: str | None = None,
+) -> list[str]:
+    """Remove entries (those of one config file, when given) that no run is using, and
+    (given a connection) that no VM kept with --keep still runs on."""
     removed = []
     for entry in list_cache():
         if entry.key == except_key:
@@ -219,11 +228,21 @@ def clear_cache(*, config: str | None = None, except_key: str | None = None) -> 
         if config is not None and entry.config != config and entry.name != config:
             continue
         path = _entry_dir(entry.key)
+        if conn is not None and _slot_vm_running(conn, path):
+            continue
         with _all_slots_locked(path) as free:
             if free:
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(entry.key)
     return removed
+
+
+def _slot_vm_running(conn: libvirt.virConnect, entry: Path) -> bool:
+    for meta in entry.glob("slot-*/slot.json"):
+        with contextlib.suppress(OSError, ValueError, libvirt.libvirtError):
+            conn.lookupByName(json.loads(meta.read_text())["name"])
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -283,7 +302,7 @@ def _wait_agent(dom: libvirt.virDomain, timeout: float) -> None:
     agent = Agent(dom)
 
     def ready() -> bool:
-        if not dom.isActive():
+        if not is_active(dom):
             raise StateError(f"{dom.name()} stopped while booting")
         return agent.answers(timeout=1)
 
@@ -301,7 +320,7 @@ def _set_clock(dom: libvirt.virDomain, *, timeout: float) -> None:
             agent.set_time(report_offset=False)
             return
         except OzoneError:
-            if time.monotonic() >= give_up or not dom.isActive():
+            if time.monotonic() >= give_up or not is_active(dom):
                 raise
             time.sleep(0.05)
 
@@ -385,38 +404,52 @@ def run(
     report = options.report
     slot = None
     parts: dict[str, Any] = {}
-    if options.use_cache:
-        parts = cache_key(conn, config, facts)
-        slot = acquire_slot(conn, config, parts)
-        if slot is None:
-            report(f"all {SLOTS} boot cache slots of {config.name} are busy: booting")
-    run_dir = _mkdir(run_root()) / f"{config.name[:40]}-{secrets.token_hex(4)}"
-    _mkdir(run_dir)
     dom: libvirt.virDomain | None = None
+    run_dir = run_root() / f"{config.name[:40]}-{secrets.token_hex(4)}"
     began = time.monotonic()
     try:
+        _mkdir(run_root())
+        _mkdir(run_dir)
+        if options.use_cache:
+            parts = cache_key(conn, config, facts)
+            slot = acquire_slot(conn, config, parts)
+            if slot is None:
+                report(f"all {SLOTS} boot cache slots of {config.name} are busy: booting")
         if slot is not None:
             if not slot.valid():
                 report(f"boot cache miss for {config.name}: booting and saving its state")
                 fill(conn, slot, config, facts, boot_timeout=options.boot_timeout)
-                clear_cache(config=str(config.source), except_key=_digest(parts))
+                clear_cache(conn, config=str(config.source), except_key=_digest(parts))
             else:
                 report(f"boot cache hit for {config.name}")
-            dom = restore(conn, slot, run_dir)
-            _set_clock(dom, timeout=30)
-        else:
+            try:
+                dom = restore(conn, slot, run_dir)
+            except OzoneError as err:
+                # e.g. a host change the key does not cover: drop the state, boot this time
+                report(f"cannot restore the boot cache ({err.message}): booting")
+                slot.meta.unlink(missing_ok=True)
+                slot.release()
+                slot = None
+                for overlay in run_dir.iterdir():
+                    overlay.unlink()
+            else:
+                _set_clock(dom, timeout=30)
+        if dom is None:
             name = f"{config.name[:40]}-run-{secrets.token_hex(3)}"
             dom = _transient(conn, config, facts, name, _overlays(config, run_dir))
             _wait_agent(dom, options.boot_timeout)
         report(f"{dom.name()} ready in {time.monotonic() - began:.2f} s")
         return execute.run(Agent(dom), argv, **exec_options)
+    except OSError as err:
+        raise OzoneError(f"{err.filename or 'ozone run'}: {err.strerror}") from None
     finally:
-        if options.keep and dom is not None:
-            report(f"kept {dom.name()} running (its disks are in {run_dir})")
-        else:
-            _discard(dom, run_dir)
-        if slot is not None:
-            slot.release()
+        with execute.signals_deferred():  # a second Ctrl-C must not stop the clean-up
+            if options.keep and dom is not None:
+                report(f"kept {dom.name()} running (its disks are in {run_dir})")
+            else:
+                _discard(dom, run_dir)
+            if slot is not None:
+                slot.release()
 
 
 def _discard(dom: libvirt.virDomain | None, run_dir: Path) -> None:
@@ -425,7 +458,7 @@ def _discard(dom: libvirt.virDomain | None, run_dir: Path) -> None:
         try:
             dom.destroy()
         except libvirt.libvirtError as err:
-            if err.get_error_code() not in (libvirt.VIR_ERR_NO_DOMAIN,) and dom.isActive():
+            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN and is_active(dom):
                 raise translate(err, name=name) from None
         if "-run-" in name:  # a one-off name: its logs would pile up
             for log in (f"{name}-serial.log", f"{name}.log"):

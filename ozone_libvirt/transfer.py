@@ -37,6 +37,7 @@ _FINISH = r"""chmod "$1" "$2" && mv -f "$2" "$3" || { rm -f "$2"; exit 1; }"""
 _STAT = r"""
 [ -e "$1" ] || { echo "no such file"; exit 1; }
 [ -d "$1" ] && { echo "is a directory"; exit 1; }
+[ -f "$1" ] || { echo "not a regular file"; exit 1; }
 [ -r "$1" ] || { echo "not readable"; exit 1; }
 stat -L -c '%a %s' "$1"
 """
@@ -104,9 +105,11 @@ def copy_to_guest(
         if finished.exit_code != 0:
             detail = finished.stderr.decode(errors="replace").strip()
             raise OzoneError(f"cannot write {agent.name}:{target}: {detail}")
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OzoneError):
             agent.script('rm -f -- "$1"', temporary)
+        if isinstance(err, OSError):
+            raise OzoneError(f"cannot read {source}: {err.strerror}") from None
         raise
     return CopyResult(str(source), f"{agent.name}:{target}", sent)
 
@@ -122,7 +125,7 @@ def copy_from_guest(
             raise NotFoundError(f"no such file: {where}")
         raise OzoneError(f"cannot read {where}: {message}")
     mode_text, size_text = described.stdout.decode().split()
-    mode, size = int(mode_text, 8), int(size_text)
+    mode, size = int(mode_text, 8) & 0o777, int(size_text)  # never setuid on the host
     target = Path(destination)
     if str(destination).endswith("/") or target.is_dir():
         if not target.is_dir():
@@ -153,7 +156,7 @@ def copy_from_guest(
             raise OzoneError(f"{where} changed while it was copied ({size} -> {received} bytes)")
         temporary.chmod(mode)
         os.replace(temporary, target)
-    except PermissionError as err:
+    except OSError as err:
         temporary.unlink(missing_ok=True)
         raise OzoneError(f"cannot write {target}: {err.strerror}") from None
     except BaseException:

@@ -436,3 +436,55 @@ def test_each_way_output_comes_back(guest, monkeypatch, mode):
         assert len(result.stdout) == 300000
         assert result.stderr.split()[0].decode() == hashlib.md5(result.stdout).hexdigest()
     wait_until(lambda: not leftovers(guest), timeout=10, what="ozone's files gone from /tmp")
+
+
+# --- edges found in review -----------------------------------------------------------------
+
+
+def test_a_closed_pipe_stops_the_guest_program(guest):
+    marker = f"yes ozt{os.getpid()}"
+    proc = subprocess.Popen(
+        ozone_cmd("exec", guest, "--", "sh", "-c", marker),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ozone_env(),
+    )
+    try:
+        assert proc.stdout.read(9) == f"ozt{os.getpid()}\n".encode()[:9]
+        proc.stdout.close()  # like `| head -c 10`
+        assert proc.wait(timeout=60) == 128 + signal.SIGPIPE
+        assert b"Traceback" not in proc.stderr.read()
+    finally:
+        proc.kill()
+    assert marker not in guest_sh(guest, "ps -o args")
+    wait_until(lambda: not leftovers(guest), timeout=10, what="ozone's files gone from /tmp")
+
+
+def test_the_programs_path_does_not_break_the_wrapper(guest):
+    proc = oz_exec(guest, "/bin/sh", "-c", "echo $PATH", options=("-e", "PATH=/nowhere"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"/nowhere\n"
+    assert oz_exec(guest, "qemu-ga", "-V", options=("-e", "PATH=/nowhere")).returncode == 127
+
+
+def test_stdin_held_by_a_background_child_does_not_hang(guest):
+    began = time.monotonic()
+    proc = subprocess.run(
+        ozone_cmd("exec", "-i", guest, "--", "sh", "-c", "sleep 30 <&0 & head -c 5"),
+        input=b"x" * 300000,
+        capture_output=True,
+        env=ozone_env(),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b"xxxxx"
+    assert time.monotonic() - began < 20
+    guest_sh(guest, "pkill -f 'sleep 30' || true")
+
+
+def test_cp_refuses_what_is_not_a_regular_file(guest, tmp_path):
+    proc = run_ozone("cp", f"{guest}:/dev/zero", str(tmp_path / "zero"))
+    assert proc.returncode == 1
+    assert "not a regular file" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
