@@ -40,6 +40,8 @@ class Agent:
     def __init__(self, dom: libvirt.virDomain) -> None:
         self.dom = dom
         self.name: str = dom.name()
+        # how long a short program run takes here (seconds), learnt by execute.run
+        self.short_run = 0.02
 
     def call(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: int = 0
