@@ -812,14 +812,15 @@ app.add_typer(cache_app, name="cache")
 @handles_errors
 def cache_list(as_json: JsonOpt = False) -> None:
     """Show the boot cache's entries: key, config, slots filled, size on disk, age."""
-    from . import run as runner
+    from . import cache
+    from .units import human_size
 
-    entries = runner.list_cache()
+    entries = cache.list_cache()
     if as_json:
         output.emit_json([e.to_dict() for e in entries])
         return
     rows = [
-        [e.key, e.config or e.name, e.slots, _memory(e.bytes), f"{e.age_s / 60:.0f} min"]
+        [e.key, e.config or e.name, e.slots, human_size(e.bytes), f"{e.age_s / 60:.0f} min"]
         for e in entries
     ]
     output.emit(output.table(["KEY", "CONFIG", "SLOTS", "SIZE", "AGE"], rows))
@@ -834,12 +835,12 @@ def cache_clear(
     as_json: JsonOpt = False,
 ) -> None:
     """Drop boot cache entries (all, or one config's); entries in use stay."""
-    from . import run as runner
+    from . import cache
 
     if config is not None and Path(config).exists():
         config = str(Path(config).resolve())
     with connection() as conn:
-        removed = runner.clear_cache(conn, config=config)
+        removed = cache.clear_cache(conn, config=config)
     if as_json:
         output.emit_json({"removed": removed})
     else:

@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import json
 import os
 import secrets
 import shutil
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import libvirt
 from lxml import etree
@@ -38,37 +36,18 @@ from lxml import etree
 from . import domain_xml as dx
 from . import execute
 from .agent import Agent
+from .cache import SLOTS, Slot, acquire_slot, clear_cache, file_identity, key_digest, make_dir
 from .config import Disk, Qmp, VMConfig, check_host_paths
 from .connection import call, host_facts, is_local, translate
 from .errors import OzoneError, StateError, TimeoutExpired
 from .storage import create_disk
 from .vm import is_active, wait_for
 
-SLOTS = 4
 Report = Callable[[str], None]
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("OZONE_CACHE_DIR", "/var/lib/libvirt/images/ozone-cache"))
 
 
 def run_root() -> Path:
     return Path(os.environ.get("OZONE_RUN_DIR", "/var/lib/libvirt/images/ozone-runs"))
-
-
-def _identity(path: Path) -> str:
-    try:
-        st = path.stat()
-    except OSError:
-        return "missing"
-    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
-
-
-def _mkdir(path: Path) -> Path:
-    """A folder QEMU (another user) can enter."""
-    path.mkdir(parents=True, exist_ok=True)
-    path.chmod(0o755)
-    return path
 
 
 # --- the key -------------------------------------------------------------------------------
@@ -87,180 +66,8 @@ def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -
         "libvirt": call(conn.getLibVersion),
         "machine": config.machine,
         "type": dx.domain_type(config, facts),
-        "files": {str(p): _identity(p) for p in files if p is not None},
+        "files": {str(p): file_identity(p) for p in files if p is not None},
     }
-
-
-def _digest(parts: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-
-# --- entries and slots ---------------------------------------------------------------------
-
-
-@dataclass
-class Slot:
-    """One save image of an entry, usable by one run at a time."""
-
-    entry: Path
-    index: int
-    domain_name: str
-    lock: IO[str] | None = None
-
-    @property
-    def dir(self) -> Path:
-        return self.entry / f"slot-{self.index}"
-
-    @property
-    def state(self) -> Path:
-        return self.dir / "state.save"
-
-    @property
-    def meta(self) -> Path:
-        return self.dir / "slot.json"
-
-    def valid(self) -> bool:
-        try:
-            meta = json.loads(self.meta.read_text())
-        except (OSError, ValueError):
-            return False
-        if not self.state.is_file():
-            return False
-        return all(_identity(Path(p)) == ident for p, ident in meta["disks"].items())
-
-    def release(self) -> None:
-        if self.lock is not None:
-            self.lock.close()
-            self.lock = None
-
-
-def _entry_dir(key: str) -> Path:
-    return cache_root() / key
-
-
-def acquire_slot(conn: libvirt.virConnect, config: VMConfig, parts: dict[str, Any]) -> Slot | None:
-    """Lock a free slot of the config's entry (creating the entry), or None if all are busy."""
-    key = _digest(parts)
-    entry = _mkdir(_entry_dir(key))
-    info = entry / "entry.json"
-    if not info.exists():
-        data = {
-            "key": key,
-            "config": str(config.source) if config.source else None,
-            "name": config.name,
-            "created": time.time(),
-            "parts": parts,
-        }
-        info.write_text(json.dumps(data, indent=2))
-    for index in range(SLOTS):
-        slot = Slot(entry, index, f"{config.name[:40]}-run{index}-{key[:8]}")
-        _mkdir(slot.dir)
-        handle = (slot.dir / "lock").open("a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            continue
-        try:  # a VM kept with --keep still holds the slot's name
-            conn.lookupByName(slot.domain_name)
-            handle.close()
-            continue
-        except libvirt.libvirtError:
-            pass
-        slot.lock = handle
-        return slot
-    return None
-
-
-@dataclass
-class CacheEntryInfo:
-    key: str
-    config: str | None
-    name: str
-    slots: int  # filled
-    bytes: int
-    age_s: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def list_cache() -> list[CacheEntryInfo]:
-    root = cache_root()
-    if not root.is_dir():
-        return []
-    entries = []
-    for entry in sorted(root.iterdir()):
-        try:
-            info = json.loads((entry / "entry.json").read_text())
-        except (OSError, ValueError):
-            continue
-        size = 0
-        for f in entry.rglob("*"):
-            with contextlib.suppress(OSError):  # a fill may be renaming its files right now
-                size += f.stat().st_size if f.is_file() else 0
-        slots = sum(1 for s in entry.glob("slot-*") if (s / "state.save").is_file())
-        entries.append(
-            CacheEntryInfo(
-                key=info["key"],
-                config=info.get("config"),
-                name=info.get("name", "?"),
-                slots=slots,
-                bytes=size,
-                age_s=round(time.time() - info.get("created", time.time()), 1),
-            )
-        )
-    return entries
-
-
-def clear_cache(
-    conn: libvirt.virConnect | None = None,
-    *,
-    config: str | None = None,
-    except_key: str | None = None,
-) -> list[str]:
-    """Remove entries (those of one config file, when given) that no run is using, and
-    (given a connection) that no VM kept with --keep still runs on."""
-    removed = []
-    for entry in list_cache():
-        if entry.key == except_key:
-            continue
-        if config is not None and entry.config != config and entry.name != config:
-            continue
-        path = _entry_dir(entry.key)
-        if conn is not None and _slot_vm_running(conn, path):
-            continue
-        with _all_slots_locked(path) as free:
-            if free:
-                shutil.rmtree(path, ignore_errors=True)
-                removed.append(entry.key)
-    return removed
-
-
-def _slot_vm_running(conn: libvirt.virConnect, entry: Path) -> bool:
-    for meta in entry.glob("slot-*/slot.json"):
-        with contextlib.suppress(OSError, ValueError, libvirt.libvirtError):
-            conn.lookupByName(json.loads(meta.read_text())["name"])
-            return True
-    return False
-
-
-@contextlib.contextmanager
-def _all_slots_locked(entry: Path) -> Iterator[bool]:
-    handles = []
-    try:
-        for lock in entry.glob("slot-*/lock"):
-            handle = lock.open("a")
-            handles.append(handle)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-        yield True
-    finally:
-        for handle in handles:
-            handle.close()
 
 
 # --- booting, saving, restoring ------------------------------------------------------------
@@ -337,7 +144,7 @@ def fill(
     shutil.rmtree(slot.dir / "disks", ignore_errors=True)
     for stale in (slot.state, slot.meta):
         stale.unlink(missing_ok=True)
-    disks_dir = _mkdir(slot.dir / "disks")
+    disks_dir = make_dir(slot.dir / "disks")
     disks = _overlays(config, disks_dir)
     dom = _transient(conn, config, facts, slot.domain_name, disks)
     try:
@@ -352,7 +159,7 @@ def fill(
     meta = {
         "name": slot.domain_name,
         "created": time.time(),
-        "disks": {str(d.path): _identity(d.path) for d in disks},
+        "disks": {str(d.path): file_identity(d.path) for d in disks},
     }
     slot.meta.write_text(json.dumps(meta, indent=2))
 
@@ -408,8 +215,8 @@ def run(
     run_dir = run_root() / f"{config.name[:40]}-{secrets.token_hex(4)}"
     began = time.monotonic()
     try:
-        _mkdir(run_root())
-        _mkdir(run_dir)
+        make_dir(run_root())
+        make_dir(run_dir)
         if options.use_cache:
             parts = cache_key(conn, config, facts)
             slot = acquire_slot(conn, config, parts)
@@ -419,7 +226,7 @@ def run(
             if not slot.valid():
                 report(f"boot cache miss for {config.name}: booting and saving its state")
                 fill(conn, slot, config, facts, boot_timeout=options.boot_timeout)
-                clear_cache(conn, config=str(config.source), except_key=_digest(parts))
+                clear_cache(conn, config=str(config.source), except_key=key_digest(parts))
             else:
                 report(f"boot cache hit for {config.name}")
             try:

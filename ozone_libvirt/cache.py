@@ -1,0 +1,218 @@
+"""The boot cache's store: entries (one per key) holding up to :data:`SLOTS` saved states
+of a booted guest, each a libvirt save image with the disk overlays it ran on, locked by the
+run that uses it. :mod:`.run` decides keys, fills slots and restores them; this module only
+keeps them (and is all that `ozone cache list|clear` loads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import libvirt
+
+if TYPE_CHECKING:
+    from .config import VMConfig
+
+SLOTS = 4
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("OZONE_CACHE_DIR", "/var/lib/libvirt/images/ozone-cache"))
+
+
+def file_identity(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "missing"
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ino}"
+
+
+def make_dir(path: Path) -> Path:
+    """A folder QEMU (another user) can enter."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    return path
+
+
+def key_digest(parts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --- entries and slots ---------------------------------------------------------------------
+
+
+@dataclass
+class Slot:
+    """One save image of an entry, usable by one run at a time."""
+
+    entry: Path
+    index: int
+    domain_name: str
+    lock: IO[str] | None = None
+
+    @property
+    def dir(self) -> Path:
+        return self.entry / f"slot-{self.index}"
+
+    @property
+    def state(self) -> Path:
+        return self.dir / "state.save"
+
+    @property
+    def meta(self) -> Path:
+        return self.dir / "slot.json"
+
+    def valid(self) -> bool:
+        try:
+            meta = json.loads(self.meta.read_text())
+        except (OSError, ValueError):
+            return False
+        if not self.state.is_file():
+            return False
+        return all(file_identity(Path(p)) == ident for p, ident in meta["disks"].items())
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+
+def _entry_dir(key: str) -> Path:
+    return cache_root() / key
+
+
+def acquire_slot(conn: libvirt.virConnect, config: VMConfig, parts: dict[str, Any]) -> Slot | None:
+    """Lock a free slot of the config's entry (creating the entry), or None if all are busy."""
+    key = key_digest(parts)
+    entry = make_dir(_entry_dir(key))
+    info = entry / "entry.json"
+    if not info.exists():
+        data = {
+            "key": key,
+            "config": str(config.source) if config.source else None,
+            "name": config.name,
+            "created": time.time(),
+            "parts": parts,
+        }
+        info.write_text(json.dumps(data, indent=2))
+    for index in range(SLOTS):
+        slot = Slot(entry, index, f"{config.name[:40]}-run{index}-{key[:8]}")
+        make_dir(slot.dir)
+        handle = (slot.dir / "lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            continue
+        try:  # a VM kept with --keep still holds the slot's name
+            conn.lookupByName(slot.domain_name)
+            handle.close()
+            continue
+        except libvirt.libvirtError:
+            pass
+        slot.lock = handle
+        return slot
+    return None
+
+
+@dataclass
+class CacheEntryInfo:
+    key: str
+    config: str | None
+    name: str
+    slots: int  # filled
+    bytes: int
+    age_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def list_cache() -> list[CacheEntryInfo]:
+    root = cache_root()
+    if not root.is_dir():
+        return []
+    entries = []
+    for entry in sorted(root.iterdir()):
+        try:
+            info = json.loads((entry / "entry.json").read_text())
+        except (OSError, ValueError):
+            continue
+        size = 0
+        for f in entry.rglob("*"):
+            with contextlib.suppress(OSError):  # a fill may be renaming its files right now
+                size += f.stat().st_size if f.is_file() else 0
+        slots = sum(1 for s in entry.glob("slot-*") if (s / "state.save").is_file())
+        entries.append(
+            CacheEntryInfo(
+                key=info["key"],
+                config=info.get("config"),
+                name=info.get("name", "?"),
+                slots=slots,
+                bytes=size,
+                age_s=round(time.time() - info.get("created", time.time()), 1),
+            )
+        )
+    return entries
+
+
+def clear_cache(
+    conn: libvirt.virConnect | None = None,
+    *,
+    config: str | None = None,
+    except_key: str | None = None,
+) -> list[str]:
+    """Remove entries (those of one config file, when given) that no run is using, and
+    (given a connection) that no VM kept with --keep still runs on."""
+    removed = []
+    for entry in list_cache():
+        if entry.key == except_key:
+            continue
+        if config is not None and entry.config != config and entry.name != config:
+            continue
+        path = _entry_dir(entry.key)
+        if conn is not None and _slot_vm_running(conn, path):
+            continue
+        with _all_slots_locked(path) as free:
+            if free:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(entry.key)
+    return removed
+
+
+def _slot_vm_running(conn: libvirt.virConnect, entry: Path) -> bool:
+    for meta in entry.glob("slot-*/slot.json"):
+        with contextlib.suppress(OSError, ValueError, libvirt.libvirtError):
+            conn.lookupByName(json.loads(meta.read_text())["name"])
+            return True
+    return False
+
+
+@contextlib.contextmanager
+def _all_slots_locked(entry: Path) -> Iterator[bool]:
+    handles = []
+    try:
+        for lock in entry.glob("slot-*/lock"):
+            handle = lock.open("a")
+            handles.append(handle)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+        yield True
+    finally:
+        for handle in handles:
+            handle.close()
