@@ -516,6 +516,21 @@ def _environment(items: list[str]) -> dict[str, str]:
     return env
 
 
+def _exec_options(
+    env: list[str] | None, cwd: str | None, user: str | None, timeout: float | None, stdin: bool
+) -> dict[str, Any]:
+    """The keyword arguments of execute.run for `exec` and `run`: the terminal's streams."""
+    return {
+        "env": _environment(env or []),
+        "cwd": cwd,
+        "user": user,
+        "stdin": sys.stdin.buffer if stdin else None,
+        "timeout": timeout,
+        "stdout": _stream_to(sys.stdout.fileno()),
+        "stderr": _stream_to(sys.stderr.fileno()),
+    }
+
+
 def _stream_to(fd: int) -> Callable[[bytes], None]:
     def write(data: bytes) -> None:
         view = memoryview(data)
@@ -548,22 +563,12 @@ def exec_(
     from .agent import Agent
     from .connection import lookup
 
-    environment = _environment(env or [])
+    exec_options = _exec_options(env, cwd, user, timeout, interactive)
     with connection() as conn:
         agent = Agent(lookup(conn, name))
         if sync_clock:
             agent.set_time()
-        code = execute.run(
-            agent,
-            command or [],
-            env=environment,
-            cwd=cwd,
-            user=user,
-            stdin=sys.stdin.buffer if interactive else None,
-            timeout=timeout,
-            stdout=_stream_to(sys.stdout.fileno()),
-            stderr=_stream_to(sys.stderr.fileno()),
-        )
+        code = execute.run(agent, command or [], **exec_options)
     raise typer.Exit(code)
 
 
@@ -779,7 +784,7 @@ def run_(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
-    environment = _environment(env or [])
+    exec_options = _exec_options(env, cwd, user, timeout, interactive)
     cfg = _run_config(config)
     options = runner.RunOptions(
         keep=keep,
@@ -788,19 +793,7 @@ def run_(
         report=output.info if G.verbose else (lambda _text: None),
     )
     with connection() as conn:
-        code = runner.run(
-            conn,
-            cfg,
-            command or [],
-            options,
-            env=environment,
-            cwd=cwd,
-            user=user,
-            stdin=sys.stdin.buffer if interactive else None,
-            timeout=timeout,
-            stdout=_stream_to(sys.stdout.fileno()),
-            stderr=_stream_to(sys.stderr.fileno()),
-        )
+        code = runner.run(conn, cfg, command or [], options, **exec_options)
     raise typer.Exit(code)
 
 
