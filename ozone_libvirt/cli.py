@@ -35,6 +35,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
 )
 
 
@@ -556,7 +557,7 @@ def exec_(
 ) -> None:
     """Run a program in the guest: its output streams here, ozone exits with its status.
 
-    ozone exec [OPTIONS] NAME -- PROGRAM [ARGS]...  (the -- keeps the program's own
+    `ozone exec [OPTIONS] NAME -- PROGRAM [ARGS]...` (the `--` keeps the program's own
     options away from ozone's)
     """
     from . import execute
@@ -772,9 +773,11 @@ def run_(
 ) -> None:
     """Run one command in a throwaway VM made from a config, then remove the VM.
 
-    ozone run [OPTIONS] CONFIG -- PROGRAM [ARGS]...  The VM is restored from the boot cache
-    when it holds this config's booted state (else booted, and the cache filled); it runs on
-    a fresh overlay over the config's disks, which are never written.
+    `ozone run [OPTIONS] CONFIG -- PROGRAM [ARGS]...`
+
+    The VM is restored from the boot cache when it holds this config's booted state (else
+    booted, and the cache filled); it runs on a fresh overlay over the config's disks, which
+    are never written.
     """
     import signal
 
