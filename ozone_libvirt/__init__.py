@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["VM", "ExecResult", "ExitError", "OzoneError", "__version__"]
+__all__ = ["VM", "ExecResult", "ExecTimeout", "ExitError", "OzoneError", "__version__"]
 
 if TYPE_CHECKING:
     from .api import VM
-    from .errors import ExitError, OzoneError
+    from .errors import ExecTimeout, ExitError, OzoneError
     from .execute import ExecResult
 
 
@@ -23,7 +23,7 @@ def __getattr__(name: str) -> Any:
         from .execute import ExecResult
 
         return ExecResult
-    if name in ("ExitError", "OzoneError"):
+    if name in ("ExecTimeout", "ExitError", "OzoneError"):
         from . import errors
 
         return getattr(errors, name)

@@ -833,8 +833,11 @@ def cache_clear(
     """Drop boot cache entries (all, or one config's); entries in use stay."""
     from . import cache
 
-    if config is not None and Path(config).exists():
-        config = str(Path(config).resolve())
+    if config is not None:
+        from .config import find_config
+
+        with contextlib.suppress(OzoneError):  # a config file (by path or name), else a name
+            config = str(find_config(config))
     with connection() as conn:
         removed = cache.clear_cache(conn, config=config)
     if as_json:

@@ -55,7 +55,8 @@ def run_root() -> Path:
 
 def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -> dict[str, Any]:
     """Everything a saved boot state depends on."""
-    generic = dataclasses.replace(config, name="x", qmp=Qmp(kind="off"), source=None)
+    # the name stays in: a slot's saved state comes back only under its own name
+    generic = dataclasses.replace(config, qmp=Qmp(kind="off"), source=None)
     files = [config.cdrom, config.kernel, config.initrd]
     files += [p for d in config.disks for p in (d.path, d.backing)]
     if is_local(conn):
@@ -180,7 +181,8 @@ def restore(conn: libvirt.virConnect, slot: Slot, run_dir: Path) -> libvirt.virD
             source.set("file", mapping[source.get("file")])
     dxml = etree.tostring(root, encoding="unicode")
     call(conn.restoreFlags, str(slot.state), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
-    return call(conn.lookupByName, slot.domain_name, name=slot.domain_name)
+    name = root.findtext("name") or slot.domain_name
+    return call(conn.lookupByName, name, name=name)
 
 
 # --- ozone run -----------------------------------------------------------------------------
