@@ -141,18 +141,18 @@ class Agent:
 
     # --- clock -----------------------------------------------------------------------------
 
-    def guest_time(self) -> int:
-        """The guest's clock, in nanoseconds since the epoch."""
-        return int(self.call("guest-get-time"))
+    def clock_offset(self) -> float:
+        """How far the guest's clock is from the host's, in seconds (negative: behind)."""
+        return (int(self.call("guest-get-time")) - time.time_ns()) / 1e9
 
     def set_time(self, *, report_offset: bool = True) -> float:
         """Set the guest's clock to the host's; returns how far off it was, in seconds
         (0.0 when not ``report_offset``, which saves an agent call)."""
-        before = self.guest_time() - time.time_ns() if report_offset else 0
+        before = self.clock_offset() if report_offset else 0.0
         try:
             self.call("guest-set-time", {"time": time.time_ns()})
         except AgentCommandFailed as err:
             # the system clock is set first; only copying it to the RTC (hwclock -w) failed
             if "hwclock" not in err.detail:
                 raise
-        return before / 1e9
+        return before

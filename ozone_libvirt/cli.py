@@ -581,8 +581,9 @@ def cp(
     as_json: JsonOpt = False,
 ) -> None:
     """Copy a file into or out of a guest (a destination ending in / is a directory)."""
-    from . import transfer, vm
+    from . import transfer
     from .agent import Agent
+    from .connection import lookup
 
     src_vm, src_path = transfer.parse_location(source)
     dst_vm, dst_path = transfer.parse_location(destination)
@@ -592,7 +593,7 @@ def cp(
             hint="e.g. `ozone cp app.tar web:/tmp/` or `ozone cp web:/var/log/syslog .`",
         )
     with connection() as conn:
-        agent = Agent(vm.lookup(conn, src_vm or dst_vm or ""))
+        agent = Agent(lookup(conn, src_vm or dst_vm or ""))
         with output.progress_bar(
             f"{source} → {destination}", enabled=not as_json, total=_size_of(src_vm, src_path)
         ) as advance:
@@ -608,7 +609,7 @@ def cp(
 
 def _size_of(guest: str | None, path: str) -> int | None:
     if guest is not None:
-        return None  # learnt during the copy
+        return None  # unknown here: the bar shows bytes and speed without a total
     try:
         return os.stat(path).st_size
     except OSError:
@@ -625,12 +626,12 @@ def clock(
     as_json: JsonOpt = False,
 ) -> None:
     """Show how far the guest's clock is from the host's; --sync sets it."""
-    from . import vm
     from .agent import Agent
+    from .connection import lookup
 
     with connection() as conn:
-        agent = Agent(vm.lookup(conn, name))
-        offset = agent.set_time() if sync else (agent.guest_time() - time.time_ns()) / 1e9
+        agent = Agent(lookup(conn, name))
+        offset = agent.set_time() if sync else agent.clock_offset()
     if as_json:
         output.emit_json({"name": name, "offset_s": round(offset, 3), "synced": sync})
     elif sync:

@@ -39,9 +39,9 @@ from .agent import Agent
 from .cache import SLOTS, Slot, acquire_slot, clear_cache, file_identity, key_digest, make_dir
 from .config import Disk, Qmp, VMConfig, check_host_paths
 from .connection import call, host_facts, is_local, translate
-from .errors import OzoneError, StateError, TimeoutExpired
+from .errors import OzoneError
 from .storage import create_disk
-from .vm import is_active, wait_for
+from .vm import is_active, wait_for_agent
 
 Report = Callable[[str], None]
 
@@ -74,14 +74,13 @@ def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -
 # --- booting, saving, restoring ------------------------------------------------------------
 
 
-def _overlays(config: VMConfig, folder: Path, over: list[Path] | None = None) -> list[Disk]:
-    """qcow2 overlays in ``folder`` over the config's disks (or over ``over``)."""
+def _overlays(config: VMConfig, folder: Path) -> list[Disk]:
+    """qcow2 overlays in ``folder`` over the config's disks."""
     disks = []
     for i, disk in enumerate(config.disks):
         target = folder / f"disk{i}.qcow2"
-        base = over[i] if over is not None else disk.path
-        if base.exists():
-            create_disk(Disk(path=target, backing=base))
+        if disk.path.exists():
+            create_disk(Disk(path=target, backing=disk.path))
         elif disk.size is not None:  # nothing to protect: a blank disk of that size
             create_disk(Disk(path=target, size=disk.size))
         else:
@@ -104,18 +103,6 @@ def _transient(
         dx.build_domain(run_config, facts=facts, qmp_endpoint=None, uuid=str(uuidlib.uuid4()))
     )
     return call(conn.createXML, xml, 0, name=name)
-
-
-def _wait_agent(dom: libvirt.virDomain, timeout: float) -> None:
-    agent = Agent(dom)
-
-    def ready() -> bool:
-        if not is_active(dom):
-            raise StateError(f"{dom.name()} stopped while booting")
-        return agent.answers(timeout=1)
-
-    if not wait_for(ready, timeout=timeout, interval=0.05):
-        raise TimeoutExpired(f"the guest agent of {dom.name()} did not answer within {timeout:g} s")
 
 
 def _set_clock(dom: libvirt.virDomain, *, timeout: float) -> None:
@@ -149,7 +136,7 @@ def fill(
     disks = _overlays(config, disks_dir)
     dom = _transient(conn, config, facts, slot.domain_name, disks)
     try:
-        _wait_agent(dom, boot_timeout)
+        wait_for_agent(dom, timeout=boot_timeout, interval=0.05)
         partial = slot.dir / "state.save.part"
         call(dom.save, str(partial), name=slot.domain_name)  # the transient domain ends here
         partial.rename(slot.state)
@@ -246,7 +233,7 @@ def run(
         if dom is None:
             name = f"{config.name[:40]}-run-{secrets.token_hex(3)}"
             dom = _transient(conn, config, facts, name, _overlays(config, run_dir))
-            _wait_agent(dom, options.boot_timeout)
+            wait_for_agent(dom, timeout=options.boot_timeout, interval=0.05)
         report(f"{dom.name()} ready in {time.monotonic() - began:.2f} s")
         return execute.run(Agent(dom), argv, **exec_options)
     except OSError as err:

@@ -321,14 +321,24 @@ def wait_agent(conn: libvirt.virConnect, name: str, *, timeout: float) -> float:
             f"{name} has no guest agent channel",
             hint='set "agent": true in its config and `ozone define` it again',
         )
+    return wait_for_agent(dom, timeout=timeout, hint=f"`ozone start {name}`")
+
+
+def wait_for_agent(
+    dom: libvirt.virDomain, *, timeout: float, interval: float = 0.1, hint: str | None = None
+) -> float:
+    """Poll until ``dom``'s guest agent answers; returns seconds waited. Fails at once when
+    the VM stops (with ``hint``), and when ``timeout`` runs out."""
+    name = dom.name()
+    agent = Agent(dom)
     began = time.monotonic()
 
     def ready() -> bool:
         if not is_active(dom):
-            raise StateError(f"{name} is not running", hint=f"`ozone start {name}`")
-        return Agent(dom).answers(timeout=1)
+            raise StateError(f"{name} is not running", hint=hint)
+        return agent.answers(timeout=1)
 
-    if not wait_for(ready, timeout=timeout, interval=0.1):
+    if not wait_for(ready, timeout=timeout, interval=interval):
         raise TimeoutExpired(f"the guest agent of {name} did not answer within {timeout:g} s")
     return time.monotonic() - began
 
