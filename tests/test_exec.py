@@ -343,6 +343,16 @@ def test_clock_sync_sets_the_guest_clock(guest):
         run_ozone("clock", guest, "--sync")
 
 
+def test_exec_sync_clock_sets_the_clock_first(guest):
+    guest_sh(guest, "date -s '2001-01-01 00:00:00' >/dev/null")
+    try:
+        proc = oz_exec(guest, "date", "+%Y", options=("--sync-clock",))
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.decode().strip() == time.strftime("%Y", time.gmtime())
+    finally:
+        run_ozone("clock", guest, "--sync")
+
+
 def test_exec_against_a_stopped_vm_fails_fast(vms):
     name, path = vms.config()
     assert run_ozone("define", str(path)).returncode == 0

@@ -201,3 +201,35 @@ def test_run_errors(config, env, args, message):
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert time.monotonic() - began < 30
     assert leftovers(name, env) == []
+
+
+def test_stdin_through_run_and_sigterm_cleans_up(config, env):
+    name, path = config
+    proc = subprocess.run(
+        [sys.executable, "-m", "ozone_libvirt", "run", "-i", str(path), "--", "md5sum"],
+        input=b"through the boot cache\n" * 1000,
+        capture_output=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (
+        proc.stdout.split()[0].decode()
+        == hashlib.md5(b"through the boot cache\n" * 1000).hexdigest()
+    )
+
+    child = subprocess.Popen(
+        [sys.executable, "-m", "ozone_libvirt", "run", str(path), "--", "sh", "-c",
+         "echo started; sleep 60"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )  # fmt: skip
+    try:
+        assert child.stdout.readline() == b"started\n"
+        child.terminate()
+        assert child.wait(timeout=60) == 130, child.stderr.read()
+    finally:
+        stop(child)
+    assert leftovers(name, env) == []
