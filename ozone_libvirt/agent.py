@@ -9,6 +9,7 @@ programs and file copies out of these calls.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -18,13 +19,15 @@ import libvirt
 import libvirt_qemu
 
 from .connection import translate_agent_error
-from .errors import AgentCommandFailed, OzoneError, TimeoutExpired
+from .errors import AgentCommandFailed, OzoneError, RequestTooLarge, StateError, TimeoutExpired
 
 DEFAULT_TIMEOUT = 10  # seconds for one agent command (libvirt waits this long for the reply)
 # Sizes that the agent and libvirt accept in one call (measured, see ENVIRONMENT.md):
-# a reply over ~4 MiB fails in libvirt's RPC, a guest-file-write over ~128 KiB stalls qemu-ga.
+# a reply over ~4 MiB fails in libvirt's RPC; requests of 215 KB and more sometimes stall
+# qemu-ga until the call times out (and the next call with it), 210 KB never did in our runs.
 READ_CHUNK = 1 << 20
-WRITE_CHUNK = 128 << 10
+WRITE_CHUNK = 128 << 10  # 175 KB of JSON once in base64
+REQUEST_MAX = 176 << 10
 
 
 @dataclass(frozen=True)
@@ -37,11 +40,17 @@ class ScriptResult:
 class Agent:
     """One VM's guest agent."""
 
-    def __init__(self, dom: libvirt.virDomain) -> None:
+    def __init__(self, dom: libvirt.virDomain, *, owns_connection: bool = False) -> None:
         self.dom = dom
         self.name: str = dom.name()
         # how long a short program run takes here (seconds), learnt by execute.run
         self.short_run = 0.02
+        self._owns_connection = owns_connection
+
+    @property
+    def uri(self) -> str:
+        """The connection's URI (known locally: it still answers when the connection broke)."""
+        return str(self.dom.connect().getURI())
 
     def call(
         self, command: str, arguments: dict[str, Any] | None = None, *, timeout: int = 0
@@ -49,13 +58,50 @@ class Agent:
         request: dict[str, Any] = {"execute": command}
         if arguments is not None:
             request["arguments"] = arguments
-        try:
-            reply = libvirt_qemu.qemuAgentCommand(
-                self.dom, json.dumps(request), timeout or DEFAULT_TIMEOUT, 0
+        text = json.dumps(request)
+        if len(text) > REQUEST_MAX:
+            raise RequestTooLarge(
+                f"{command} request of {len(text)} bytes is more than the guest agent takes "
+                f"({REQUEST_MAX})"
             )
+        try:
+            reply = libvirt_qemu.qemuAgentCommand(self.dom, text, timeout or DEFAULT_TIMEOUT, 0)
         except libvirt.libvirtError as err:
             raise translate_agent_error(err, self.dom, command) from None
         return json.loads(reply).get("return")
+
+    def reconnect(self, *, timeout: float) -> Agent | None:
+        """After the libvirt connection broke: the same VM's agent over a new connection
+        (which the returned Agent owns), or None if libvirt does not answer within
+        ``timeout``. Raises StateError if the VM is gone or stopped."""
+        uri, uuid = self.uri, self.dom.UUIDString()
+        give_up = time.monotonic() + timeout
+        while True:
+            try:
+                conn = libvirt.open(uri)
+            except libvirt.libvirtError:
+                if time.monotonic() >= give_up:
+                    return None
+                time.sleep(0.25)
+                continue
+            try:
+                dom = conn.lookupByUUIDString(uuid)
+                if not dom.isActive():
+                    raise StateError(f"{self.name} is not running")
+            except libvirt.libvirtError:
+                conn.close()
+                raise StateError(f"{self.name} is gone") from None
+            except StateError:
+                conn.close()
+                raise
+            agent = Agent(dom, owns_connection=True)
+            agent.short_run = self.short_run
+            return agent
+
+    def close_connection(self) -> None:
+        if self._owns_connection:
+            with contextlib.suppress(libvirt.libvirtError):
+                self.dom.connect().close()
 
     def answers(self, *, timeout: int = 2) -> bool:
         try:

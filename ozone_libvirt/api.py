@@ -22,7 +22,7 @@ import libvirt
 
 from . import execute, transfer, vm
 from .agent import Agent
-from .connection import open_connection
+from .connection import domain_metadata, lookup, open_connection
 from .errors import ExecTimeout, ExitError
 from .execute import ExecResult
 
@@ -64,8 +64,12 @@ class VM:
     @property
     def agent(self) -> Agent:
         if self._agent is None:
-            self._agent = Agent(vm.lookup(self.conn, self.name))
+            self._agent = Agent(lookup(self.conn, self.name))
         return self._agent
+
+    def _stage_dir(self) -> str | None:
+        meta = domain_metadata(self.agent.dom, defined=True)
+        return meta.stage_dir if meta else None
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -99,11 +103,13 @@ class VM:
         stdout: IO[bytes] | None = None,
         stderr: IO[bytes] | None = None,
         check: bool = False,
+        stage_dir: str | None = None,
     ) -> ExecResult:
         """Run ``argv`` in the guest. Output goes to the ``stdout``/``stderr`` file objects
         as it arrives when given, else it is captured into the result. Raises
         :class:`ExitError` for a non-zero status when ``check``, :class:`ExecTimeout` (with
-        the output so far) when ``timeout`` runs out."""
+        the output so far) when ``timeout`` runs out. Output is staged in ``stage_dir`` in
+        the guest while the program runs (default: the VM's ``stage_dir``, else /var/tmp)."""
         began = time.monotonic()
         out_buffer = io.BytesIO() if stdout is None else None
         err_buffer = io.BytesIO() if stderr is None else None
@@ -118,6 +124,7 @@ class VM:
                 user=user,
                 stdin=stdin,
                 timeout=timeout,
+                stage_dir=stage_dir or self._stage_dir(),
                 stdout=out_sink,
                 stderr=err_sink,
             )

@@ -175,8 +175,13 @@ def clear_cache(
     except_key: str | None = None,
 ) -> list[str]:
     """Remove entries (those of one config file, when given) that no run is using, and
-    (given a connection) that no VM kept with --keep still runs on."""
+    (given a connection) that no VM kept with --keep still runs on. Runs that died are
+    reaped first, so that their slots come free."""
     removed = []
+    if conn is not None:
+        from .rundir import reap_runs
+
+        reap_runs(conn)
     for entry in list_cache():
         if entry.key == except_key:
             continue
@@ -192,6 +197,39 @@ def clear_cache(
     return removed
 
 
+def prune_entry(entry: Path) -> bool:
+    """Remove an entry that holds no saved state (a fill that failed, or was killed) when no
+    run uses any of its slots. True if it was removed."""
+    if any((slot / "state.save").is_file() for slot in entry.glob("slot-*")):
+        return False
+    with _all_slots_locked(entry) as free:
+        if free:
+            shutil.rmtree(entry, ignore_errors=True)
+    return free
+
+
+def prune_cache(*, dry_run: bool = False) -> list[str]:
+    """`ozone gc`: entries with no saved state, and half-written states, that no run uses."""
+    removed = []
+    root = cache_root()
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if not entry.is_dir() or entry.is_symlink():
+            continue
+        with _all_slots_locked(entry) as free:
+            if not free:
+                continue
+            if not any((slot / "state.save").is_file() for slot in entry.glob("slot-*")):
+                removed.append(f"boot cache entry {entry.name} (no saved state)")
+                if not dry_run:
+                    shutil.rmtree(entry, ignore_errors=True)
+                continue
+            for part in entry.glob("slot-*/state.save.part"):
+                removed.append(str(part))
+                if not dry_run:
+                    part.unlink(missing_ok=True)
+    return removed
+
+
 def _slot_vm_running(conn: libvirt.virConnect, entry: Path) -> bool:
     for meta in entry.glob("slot-*/slot.json"):
         with contextlib.suppress(OSError, ValueError, libvirt.libvirtError):
@@ -204,7 +242,7 @@ def _slot_vm_running(conn: libvirt.virConnect, entry: Path) -> bool:
 def _all_slots_locked(entry: Path) -> Iterator[bool]:
     handles = []
     try:
-        for lock in entry.glob("slot-*/lock"):
+        for lock in sorted(entry.glob("slot-*/lock")):
             handle = lock.open("a")
             handles.append(handle)
             try:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 import typer
 
 from . import output
-from .errors import EXIT_FAILED, OzoneError, UsageError
+from .errors import EXIT_FAILED, Interrupted, OzoneError, UsageError, interrupted_exit_code
 
 if TYPE_CHECKING:
     import libvirt
@@ -80,11 +80,24 @@ def handles_errors(fn: F) -> F:
         except OzoneError as err:
             output.error(err, as_json=as_json)
             raise typer.Exit(err.exit_code) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             sys.stderr.write("interrupted\n")
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupted_exit_code(err)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _seconds(value: float | None) -> float | None:
+    """A timeout on the command line: a number of seconds above 0."""
+    if value is not None and not (value > 0 and value != float("inf")):
+        raise typer.BadParameter(f"{value:g} is not a number of seconds above 0")
+    return value
+
+
+def _seconds_or_zero(value: float) -> float:
+    if not value >= 0 or value == float("inf"):
+        raise typer.BadParameter(f"{value:g} is not a number of seconds (0 or more)")
+    return value
 
 
 @contextlib.contextmanager
@@ -124,6 +137,8 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
     output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
     for disk in result.disks_created:
         output.info(f"created disk {disk}")
+    for note in result.notes:
+        output.info(f"note: {note}")
     if result.restart_needed:
         output.info(f"{result.name} is running: the changes apply at its next start")
 
@@ -144,7 +159,7 @@ def start(
     wait: Annotated[
         bool, typer.Option("--wait", help="Return when the guest agent answers.")
     ] = False,
-    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.")] = 120,
+    timeout: Annotated[float, typer.Option(help="Seconds --wait waits.", callback=_seconds)] = 120,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a VM (resuming saved state if there is some). Defines it first if a config of
@@ -209,7 +224,7 @@ def _console_tail(conn: libvirt.virConnect, name: str, lines: int = 15) -> str:
 @handles_errors
 def wait(
     name: NameArg,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait.")] = 120,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait.", callback=_seconds)] = 120,
     as_json: JsonOpt = False,
 ) -> None:
     """Wait until a VM's guest agent answers (the guest can run programs)."""
@@ -226,7 +241,10 @@ def wait(
 def stop(
     name: NameArg,
     timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for a clean shutdown before forcing.")
+        float,
+        typer.Option(
+            help="Seconds to wait for a clean shutdown before forcing.", callback=_seconds_or_zero
+        ),
     ] = 60,
     force: Annotated[bool, typer.Option("--force", "-f", help="Power off at once.")] = False,
     as_json: JsonOpt = False,
@@ -329,12 +347,15 @@ def status(name: NameArg, as_json: JsonOpt = False) -> None:
     if as_json:
         output.emit_json(data)
         return
+    warnings = data.pop("warnings")
     data["memory"] = _memory(data["memory"])
     data["disks"] = ", ".join(data["disks"]) or None
     width = max(len(k) for k in data)
     output.emit(
         "\n".join(f"{k + ':':<{width + 1}} {'-' if v is None else v}" for k, v in data.items())
     )
+    for warning in warnings:
+        output.info(f"warning: {warning}")
 
 
 @app.command()
@@ -357,12 +378,9 @@ def xml(
         from .connection import local_host_facts
 
         cfg = load(config)
-        qmp = cfg.qmp.endpoint
-        if cfg.qmp.kind == "auto":
-            qmp = f"tcp:127.0.0.1:{dx.preferred_qmp_port(cfg.name)}"
-        elif cfg.qmp.kind == "off":
-            qmp = None
-        text = dx.to_string(dx.build_domain(cfg, facts=local_host_facts(), qmp_endpoint=qmp))
+        facts = local_host_facts()
+        qmp = dx.planned_qmp(cfg, facts)
+        text = dx.to_string(dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp))
     if as_json:
         output.emit_json({"xml": text})
     else:
@@ -480,9 +498,9 @@ def handles_exec_errors(fn: F) -> F:
         except OzoneError as err:
             output.error(err, as_json=False)
             raise typer.Exit(EXIT_OZONE) from None
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             sys.stderr.write("interrupted\n")
-            raise typer.Exit(130) from None
+            raise typer.Exit(interrupted_exit_code(err)) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -498,7 +516,16 @@ EnvOpt = Annotated[
 CwdOpt = Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")]
 UserOpt = Annotated[str | None, typer.Option("--user", "-u", help="Run as this user.")]
 TimeoutOpt = Annotated[
-    float | None, typer.Option(help="Kill the program after this many seconds (exit 124).")
+    float | None,
+    typer.Option(help="Kill the program after this many seconds (exit 124).", callback=_seconds),
+]
+StageOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--stage-dir",
+        help="Guest folder for the program's output while it runs (default: the VM's "
+        "stage_dir, else /var/tmp).",
+    ),
 ]
 InteractiveOpt = Annotated[
     bool, typer.Option("--interactive", "-i", help="Forward this stdin to the program.")
@@ -518,7 +545,12 @@ def _environment(items: list[str]) -> dict[str, str]:
 
 
 def _exec_options(
-    env: list[str] | None, cwd: str | None, user: str | None, timeout: float | None, stdin: bool
+    env: list[str] | None,
+    cwd: str | None,
+    user: str | None,
+    timeout: float | None,
+    stdin: bool,
+    stage_dir: str | None,
 ) -> dict[str, Any]:
     """The keyword arguments of execute.run for `exec` and `run`: the terminal's streams."""
     return {
@@ -527,6 +559,7 @@ def _exec_options(
         "user": user,
         "stdin": sys.stdin.buffer if stdin else None,
         "timeout": timeout,
+        "stage_dir": stage_dir,
         "stdout": _stream_to(sys.stdout.fileno()),
         "stderr": _stream_to(sys.stderr.fileno()),
     }
@@ -551,6 +584,7 @@ def exec_(
     user: UserOpt = None,
     timeout: TimeoutOpt = None,
     interactive: InteractiveOpt = False,
+    stage_dir: StageOpt = None,
     sync_clock: Annotated[
         bool, typer.Option("--sync-clock", help="Set the guest clock from the host's first.")
     ] = False,
@@ -561,15 +595,10 @@ def exec_(
     options away from ozone's)
     """
     from . import execute
-    from .agent import Agent
-    from .connection import lookup
 
-    exec_options = _exec_options(env, cwd, user, timeout, interactive)
+    exec_options = _exec_options(env, cwd, user, timeout, interactive, stage_dir)
     with connection() as conn:
-        agent = Agent(lookup(conn, name))
-        if sync_clock:
-            agent.set_time()
-        code = execute.run(agent, command or [], **exec_options)
+        code = execute.run_in(conn, name, command or [], sync_clock=sync_clock, **exec_options)
     raise typer.Exit(code)
 
 
@@ -768,8 +797,10 @@ def run_(
     user: UserOpt = None,
     timeout: TimeoutOpt = None,
     interactive: InteractiveOpt = False,
+    stage_dir: StageOpt = None,
     boot_timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for the guest agent when booting.")
+        float,
+        typer.Option(help="Seconds to wait for the guest agent when booting.", callback=_seconds),
     ] = 120,
 ) -> None:
     """Run one command in a throwaway VM made from a config, then remove the VM.
@@ -780,16 +811,11 @@ def run_(
     booted, and the cache filled); it runs on a fresh overlay over the config's disks, which
     are never written.
     """
-    import signal
-
     from . import run as runner
 
-    def terminate(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    exec_options = _exec_options(env, cwd, user, timeout, interactive)
+    exec_options = _exec_options(env, cwd, user, timeout, interactive, stage_dir)
     cfg = _run_config(config)
+    exec_options["stage_dir"] = stage_dir or cfg.stage_dir
     options = runner.RunOptions(
         keep=keep,
         use_cache=not no_cache,
@@ -847,12 +873,62 @@ def cache_clear(
         output.emit(f"Removed {len(removed)} boot cache entr{'y' if len(removed) == 1 else 'ies'}")
 
 
+@app.command()
+@handles_errors
+def gc(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", "-n", help="Only show what would be removed.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Remove what ozone processes that died left behind: throwaway VMs and their overlays,
+    half-copied files, empty boot cache entries, stale QMP sockets."""
+    from . import gc as janitor
+
+    with connection() as conn:
+        result = janitor.collect(conn, dry_run=dry_run)
+    if as_json:
+        output.emit_json(result.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    for item in result.removed:
+        output.emit(f"{verb} {item}")
+    for item in result.kept:
+        output.emit(f"left {item}")
+    if not result.removed and not result.kept:
+        output.emit("nothing to remove")
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    import signal
+
+    from typer._click import exceptions as click_errors  # typer's own click (pinned typer)
+
+    # SIGTERM unwinds like Ctrl-C (every clean-up runs) and exits 143, as a shell reports it
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(prog_name="ozone")
+        code = app(prog_name="ozone", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as err:
+        err.show()
+        code = err.exit_code
+    except click_errors.UsageError as err:
+        # a command line ozone cannot parse: one line and a hint, exit 2
+        command = err.ctx.command_path if err.ctx else "ozone"
+        sys.stderr.write(f"error: {err.format_message()}\nhint: `{command} --help`\n")
+        code = err.exit_code
+    except click_errors.ClickException as err:
+        err.show()
+        code = err.exit_code
+    except typer.Abort:
+        sys.stderr.write("aborted\n")
+        code = EXIT_FAILED
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILED)
-        sys.exit(code)
+        code = exc.code
+    sys.exit(code if isinstance(code, int) else (0 if code is None else EXIT_FAILED))
 
 
 if __name__ == "__main__":

@@ -4,31 +4,47 @@ Pure: no libvirt, no side effects beyond reading the config file (and, in
 :func:`check_host_paths`, looking at the files it names). Every error is a
 :class:`~ozone_libvirt.errors.ConfigError` naming the file, the field path
 (``disks[0].size``), what was expected and, for typos, the closest valid key.
+
+Config files may be hostile or broken (a symlink to a system file, a YAML alias bomb, a
+number with 5000 digits): every such file gives a one-line ConfigError, fast, and an error
+never echoes more than a short excerpt of a value.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import ipaddress
 import json
+import math
 import os
+import posixpath
 import re
+import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
 from .units import format_size
 
+if TYPE_CHECKING:
+    import yaml
+
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 DEFAULT_CONFIG_PATH = ("./vms", "~/.config/ozone/vms")
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-MACHINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-MAC_RE = re.compile(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
-IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+# Patterns are anchored with \A...\Z and applied with fullmatch, never `$`, which also matches
+# before a trailing newline ("web\n" would pass as a name). Character classes are spelled
+# out in ASCII: \d and \s match other scripts' digits and spaces.
+NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+MACHINE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+MAC_RE = re.compile(r"\A(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
+IFNAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
+_HOST_LABEL_RE = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+_PORT_RE = re.compile(r"\A[0-9]{1,5}\Z")
 
 ACCELS = ("auto", "kvm", "tcg")
 BOOT_DEVICES = ("cdrom", "disk", "network")
@@ -40,6 +56,16 @@ GRAPHICS = ("none", "vnc")
 MIN_MEMORY = 32 * 1024**2
 MAX_MEMORY = 16 * 1024**4
 MAX_VCPUS = 512
+MAX_DISKS = 20
+
+# Bounds on the file itself, checked before anything else looks at its values. A VM config
+# is a few hundred bytes, a few levels deep and a few hundred values (keys count too).
+MAX_FILE_BYTES = 1024**2
+MAX_DEPTH = 32
+MAX_NODES = 10_000
+MAX_NUMBER_CHARS = 40  # longer numbers would hit Python's int-digits limit or overflow
+MAX_PATH_CHARS = 4096  # PATH_MAX
+EXCERPT_CHARS = 40  # errors show at most this much of a value
 
 # libvirt's unit conventions: K/KiB = 1024, KB = 1000 (and so on up).
 _UNITS = {
@@ -50,11 +76,19 @@ _UNITS = {
     "g": 1024**3, "gib": 1024**3, "gb": 1000**3,
     "t": 1024**4, "tib": 1024**4, "tb": 1000**4,
 }  # fmt: skip
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
+_SIZE_RE = re.compile(r"\A *([0-9]{1,20}(?:\.[0-9]{1,20})?) *([A-Za-z]{0,3}) *\Z")
+
+# Characters no config string may hold: those XML 1.0 cannot carry (C0 controls, lone
+# surrogates, U+FFFE/U+FFFF; lxml refuses them when it builds the domain XML) and the other
+# controls (DEL, C1). Free text (description, cmdline) may also hold tabs and line breaks.
+_CONTROLS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff"
+_FORBIDDEN_IN_TEXT = re.compile(f"[{_CONTROLS}]")
+_FORBIDDEN_IN_LINE = re.compile(f"[\t\n\r{_CONTROLS}]")
 
 TOP_KEYS = (
     "name", "description", "memory", "vcpus", "machine", "accel", "disks", "cdrom", "boot",
     "kernel", "initrd", "cmdline", "serial_log", "agent", "network", "qmp", "graphics",
+    "stage_dir",
 )  # fmt: skip
 DISK_KEYS = ("path", "size", "backing", "format", "bus")
 NETWORK_KEYS = ("type", "source", "model", "mac")
@@ -80,7 +114,9 @@ class Network:
 
 @dataclass(frozen=True)
 class Qmp:
-    """Where QEMU serves QMP. ``auto`` becomes a ``tcp`` port when the VM is defined."""
+    """Where the config asks QEMU to serve QMP: ``auto`` (a private unix socket of ozone's),
+    ``off``, ``unix`` (its path), ``tcp`` (its host and port; port None: ozone picks a free
+    loopback port at define). The concrete endpoint is a :class:`.metadata.QmpEndpoint`."""
 
     kind: Literal["auto", "off", "tcp", "unix"] = "auto"
     host: str | None = None
@@ -90,8 +126,12 @@ class Qmp:
 
     @property
     def endpoint(self) -> str:
+        """The config's QMP setting as written in a config."""
+        if self.kind == "tcp" and self.port is None:
+            return "tcp"
         if self.kind == "tcp":
-            return f"tcp:{self.host}:{self.port}"
+            host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+            return f"tcp:{host}:{self.port}"
         if self.kind == "unix":
             return f"unix:{self.path}"
         return self.kind
@@ -116,6 +156,7 @@ class VMConfig:
     qmp: Qmp = field(default_factory=Qmp)
     graphics: str = "none"
     description: str | None = None
+    stage_dir: str | None = None  # guest folder for `ozone exec` output (None: ozone's default)
     source: Path | None = None  # the file this config came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -130,7 +171,7 @@ class VMConfig:
                 return {k: conv(getattr(value, k)) for k in value.__dataclass_fields__}
             return value
 
-        data = conv(self)
+        data: dict[str, Any] = conv(self)
         del data["source"]
         return data
 
@@ -139,6 +180,87 @@ class VMConfig:
         """A stable digest of the normalised config (not of the file's formatting)."""
         canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# --- showing values in errors --------------------------------------------------------------
+
+
+def _show(value: object) -> str:
+    """A value as an error message may show it: a string quoted, escaped and cut to a short
+    excerpt (a config can be a symlink to a file its reader should not see); anything else
+    as :func:`_describe` puts it."""
+    if not isinstance(value, str):
+        return _describe(value)
+    cut = repr(value[:EXCERPT_CHARS])
+    return cut + "..." if len(value) > EXCERPT_CHARS else cut
+
+
+def _kind(value: object) -> str:
+    """The type of a value in the config's terms, without its content."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def _describe(value: object) -> str:
+    """What a value is, for "expected X, got Y"."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int) and abs(value) >= 10**18:
+        return "a number too large to show"  # str() refuses past 4300 digits
+    if isinstance(value, (int, float)):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {_show(value)}"
+    return _kind(value)
+
+
+def _label(key: object) -> str:
+    """A key as it appears in a field path (``disks[0].KEY``): as is when it is short and
+    printable, else shown like a value, so a field path is always one short line."""
+    if isinstance(key, str) and key.isprintable() and 0 < len(key) <= EXCERPT_CHARS:
+        return key
+    return _show(key)
+
+
+def _file_name(path: Path | str | None) -> str | None:
+    """The config file's name for error messages (escaped if it holds control characters)."""
+    if path is None:
+        return None
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
+def _one_line(text: str, limit: int = 80) -> str:
+    """A parser's message made one short line."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def _forbidden_char(text: str, *, multiline: bool) -> str | None:
+    """Why ``text`` cannot be a config string, or None: the one check every string takes."""
+    found = (_FORBIDDEN_IN_TEXT if multiline else _FORBIDDEN_IN_LINE).search(text)
+    if found is None:
+        return None
+    char = found.group()
+    where = f"U+{ord(char):04X} at character {found.start() + 1}"
+    if char in "\t\n\r":
+        return f"contains a line break or tab ({where}); this value must be one line"
+    if "\ud800" <= char <= "\udfff":
+        return f"contains a lone surrogate ({where}), which is not a character"
+    if char in "\ufffe\uffff":
+        return f"contains the non-character {where}"
+    return f"contains the control character {where}"
 
 
 # --- sizes ---------------------------------------------------------------------------------
@@ -150,21 +272,26 @@ def parse_size(value: object, *, where: str, file: str | None = None) -> int:
         raise ConfigError(
             f"expected a size like 512MiB or 2GiB, got {_describe(value)}", file=file, field=where
         )
-    text = str(value)
-    m = _SIZE_RE.match(text)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"expected a size, got {_describe(value)}", file=file, field=where)
+    if not isinstance(value, str):
+        numerator, denominator = value.as_integer_ratio()  # exact: no rounding, no overflow
+        return numerator * _UNITS[""] // denominator
+    m = _SIZE_RE.fullmatch(value)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
         raise ConfigError(
-            f"{text!r} is not a size; use a number of MiB or a number with a unit "
+            f"{_show(value)} is not a size; use a number of MiB or a number with a unit "
             "(B, KiB, MiB, GiB, TiB; KB, MB, GB are powers of 1000)",
             file=file,
             field=where,
         )
-    number = float(m.group(1)) if "." in m.group(1) else int(m.group(1))
-    return int(number * _UNITS[unit])
+    whole, _, fraction = m.group(1).partition(".")
+    scale: int = 10 ** len(fraction)
+    return int(whole + fraction) * _UNITS[unit] // scale
 
 
-# --- loading -------------------------------------------------------------------------------
+# --- reading files -------------------------------------------------------------------------
 
 
 def load_config(path: str | Path) -> VMConfig:
@@ -175,93 +302,275 @@ def load_config(path: str | Path) -> VMConfig:
 
 
 def read_config_data(path: Path) -> Any:
-    shown = str(path)
+    shown = _file_name(path)
     if path.suffix not in CONFIG_SUFFIXES:
         raise ConfigError(
             "unknown config file type",
             file=shown,
             hint="name the file NAME.json, NAME.yaml or NAME.yml",
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError("no such file", file=shown) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read: {err}", file=shown) from None
+    text = _read_text(path, shown)
     if path.suffix == ".json":
         return _parse_json(text, shown)
     return _parse_yaml(text, shown)
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"duplicate key {key!r}")
-        result[key] = value
-    return result
-
-
-def _parse_json(text: str, shown: str) -> Any:
+def _read_text(path: Path, shown: str | None) -> str:
+    """The file's text: a regular file of at most MAX_FILE_BYTES of UTF-8. Refused before
+    reading: a FIFO (would block), a device like /dev/zero (endless), anything huge."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicates)
+        # O_NONBLOCK: opening a FIFO does not wait for a writer (the fstat below refuses it)
+        fd = os.open(path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise ConfigError("no such file", file=shown) from None
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror}", file=shown) from None
+    except ValueError:  # a NUL in the path
+        raise ConfigError("cannot read: not a valid path", file=shown) from None
+    too_big = f"bigger than {format_size(MAX_FILE_BYTES)}; a VM config is a few hundred bytes"
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError("not a regular file", file=shown)
+        if info.st_size > MAX_FILE_BYTES:
+            raise ConfigError(too_big, file=shown)
+        data = b""
+        while len(data) <= MAX_FILE_BYTES:  # the file may have grown since the fstat
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+    except OSError as err:
+        raise ConfigError(f"cannot read: {err.strerror}", file=shown) from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(too_big, file=shown)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"byte {err.start + 1} is not UTF-8: {err.reason}", file=shown) from None
+
+
+class _Shape:
+    """The one place that bounds a document's shape: nesting depth, the number of values
+    (keys count, and so do the values an alias repeats) and the length of numbers. Fed by
+    the JSON pre-scan and by the YAML composer, before any value is constructed, so nothing
+    downstream (construction, validation, hashing, error messages) meets a huge document."""
+
+    def __init__(self, shown: str | None, locate: Callable[[Any], str]) -> None:
+        self.shown = shown
+        self.locate = locate  # a position in the document → "line L, column C: "
+        self.depth = 0
+        self.values = 0
+
+    def fail(self, at: object, message: str) -> ConfigError:
+        return ConfigError(self.locate(at) + message, file=self.shown)
+
+    def enter(self, at: object) -> None:
+        self.depth += 1
+        self.nested(self.depth, at)
+
+    def nested(self, depth: int, at: object) -> None:
+        if depth > MAX_DEPTH:
+            raise self.fail(at, f"nested more than {MAX_DEPTH} levels deep")
+
+    def leave(self) -> None:
+        self.depth = max(self.depth - 1, 0)
+
+    def add(self, values: int, at: object) -> None:
+        """Count values as they are read, so a long list is refused as soon as it is long."""
+        self.values += values
+        if self.values > MAX_NODES:
+            raise self.fail(
+                at,
+                f"more than {MAX_NODES} values (counting what aliases repeat); "
+                "a VM config has a few hundred",
+            )
+
+    def number(self, text: str, at: object) -> None:
+        if len(text) > MAX_NUMBER_CHARS:
+            raise self.fail(at, f"a number of {len(text)} characters (at most {MAX_NUMBER_CHARS})")
+
+
+def _position(text: str, offset: int) -> str:
+    line = text.count("\n", 0, offset) + 1
+    column = offset - (text.rfind("\n", 0, offset) + 1) + 1
+    return f"line {line}, column {column}: "
+
+
+# JSON tokens for the shape pre-scan: a string (the closing quote optional, so an unterminated
+# string ends the scan instead of making it rescan: linear time), a bracket, or a bare value.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]+|\\.)*"?|[\[{]|[\]}]|[^\s\[\]{}",:]+', re.DOTALL)
+
+
+def _parse_json(text: str, shown: str | None) -> Any:
+    # The json module recurses per level and converts numbers of any length: bound the shape
+    # first (a 100000-deep list would raise RecursionError, 5000 digits ValueError).
+    shape = _Shape(shown, functools.partial(_position, text))
+    for token in _JSON_TOKEN.finditer(text):
+        first, at = token.group()[0], token.start()
+        if first in "]}":
+            shape.leave()
+            continue
+        shape.add(1, at)
+        if first in "[{":
+            shape.enter(at)
+        elif first in "-0123456789":
+            shape.number(token.group(), at)
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in result:
+                raise ConfigError(f"invalid JSON: duplicate key {_show(key)}", file=shown)
+            result[key] = value
+        return result
+
+    try:
+        return json.loads(text, object_pairs_hook=no_duplicates)
     except json.JSONDecodeError as err:
         raise ConfigError(
             f"line {err.lineno}, column {err.colno}: invalid JSON: {err.msg}", file=shown
         ) from None
-    except ValueError as err:  # duplicate key
-        raise ConfigError(f"invalid JSON: {err}", file=shown) from None
 
 
-def _parse_yaml(text: str, shown: str) -> Any:
+def _yaml_where(mark: yaml.error.Mark | None) -> str:
+    return f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+
+
+def _parse_yaml(text: str, shown: str | None) -> Any:
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
+    try:
+        loader = _yaml_loader()(text, _Shape(shown, _yaml_where))  # checks the characters first
+        try:
+            return loader.get_single_data()
+        finally:
+            loader.dispose()
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        problem = _one_line(err.problem or err.context or "syntax error")
+        raise ConfigError(f"{_yaml_where(mark)}invalid YAML: {problem}", file=shown) from None
+    except yaml.reader.ReaderError as err:
+        raise ConfigError(
+            f"{_position(text, err.position)}invalid YAML: {err.reason} (U+{err.character:04X})",
+            file=shown,
+        ) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"invalid YAML: {_one_line(str(err))}", file=shown) from None
 
-    def construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-        loader.flatten_mapping(node)
-        result: dict[Any, Any] = {}
-        for key_node, value_node in node.value:
-            key = loader.construct_object(key_node, deep=True)
-            if key in result:
-                mark = key_node.start_mark
-                raise ConfigError(
-                    f"line {mark.line + 1}, column {mark.column + 1}: duplicate key {key!r}",
-                    file=shown,
+
+@functools.cache
+def _yaml_loader() -> type[Any]:
+    """PyYAML's safe loader, made safe for hostile documents (built on first use: commands
+    that read no YAML do not import yaml)."""
+    import yaml
+    from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+    prefix = "tag:yaml.org,2002:"
+    # The tags a VM config uses; `!!binary`, `!!set`, `!!timestamp`, `!!python/…` and local
+    # tags are refused with their line. Plain scalars resolve only to these, so `2024-01-01`
+    # and `=` stay strings, as they are in JSON.
+    scalar_tags = {prefix + t for t in ("str", "int", "float", "bool", "null", "merge")}
+    allowed = {
+        ScalarNode: scalar_tags,
+        SequenceNode: {prefix + "seq"},
+        MappingNode: {prefix + "map"},
+    }
+
+    class Loader(yaml.SafeLoader):
+        def __init__(self, stream: str, shape: _Shape) -> None:
+            super().__init__(stream)
+            self.shape = shape
+            # id(node) → (values in it, levels it nests), what its aliases repeat included
+            self.expanded: dict[int, tuple[int, int]] = {}
+
+        def compose_node(self, parent: Node | None, index: int) -> Node | None:
+            # Aliases are allowed, but what they repeat counts: values are counted as they
+            # are composed, an alias adding the size of the node it repeats, and a node nests
+            # as deep as what its aliases repeat (each node's size and depth are computed
+            # once, from its children's). So a "billion laughs" document is refused within
+            # MAX_NODES steps, and a chain of aliases cannot nest deeper than MAX_DEPTH (the
+            # constructor recurses through aliases, and `<<` merges reorder it). Refusing
+            # aliases outright would be as safe; the bounds cost as little and keep valid
+            # YAML valid.
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            where = event.start_mark
+            if isinstance(event, yaml.AliasEvent):
+                node = super().compose_node(parent, index)
+                if id(node) not in self.expanded:  # its anchor is still being composed
+                    raise self.shape.fail(where, f"alias *{_label(event.anchor)} contains itself")
+                self.shape.add(self.expanded[id(node)][0], where)
+                return node
+            self.shape.add(1, where)
+            self.shape.enter(where)
+            node = super().compose_node(parent, index)
+            self.shape.leave()
+            if node is None:
+                return None
+            if node.tag not in allowed[type(node)]:
+                tag = _show(node.tag.replace(prefix, "!!"))
+                raise self.shape.fail(
+                    where,
+                    f"the tag {tag} is not allowed here (a config holds only strings, "
+                    "numbers, booleans, null, lists and objects)",
                 )
+            if isinstance(node, ScalarNode) and node.tag in (prefix + "int", prefix + "float"):
+                self.shape.number(node.value, where)
+            children: list[Node] = []
+            if isinstance(node, SequenceNode):
+                children = node.value
+            elif isinstance(node, MappingNode):
+                children = [n for pair in node.value for n in pair]
+            below = [self.expanded[id(child)] for child in children]
+            depth = 1 + max((levels for _, levels in below), default=0)
+            self.shape.nested(depth, where)
+            self.expanded[id(node)] = (1 + sum(values for values, _ in below), depth)
+            return node
+
+    def construct_mapping(loader: Loader, node: MappingNode) -> dict[str, Any]:
+        loader.flatten_mapping(node)  # `<<` merge keys; a tag that is not !!map never gets here
+        result: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            where = key_node.start_mark
+            if not isinstance(key_node, ScalarNode):
+                raise loader.shape.fail(where, "a key must be a name, not a list or an object")
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise loader.shape.fail(where, f"a key must be a name, got {_describe(key)}")
+            if key in result:
+                raise loader.shape.fail(where, f"duplicate key {_show(key)}")
             result[key] = loader.construct_object(value_node, deep=True)
         return result
 
-    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
-    try:
-        return yaml.load(text, Loader=Loader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = err.problem or err.context or "syntax error"
-        raise ConfigError(f"{where}invalid YAML: {problem}", file=shown) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"invalid YAML: {err}", file=shown) from None
+    def checked(construct: Any) -> Any:
+        """A scalar constructor whose conversion errors are YAML errors with a line."""
+
+        def run(loader: Loader, node: Node) -> Any:
+            try:
+                return construct(loader, node)
+            except (ValueError, LookupError, ArithmeticError):
+                kind = node.tag.rpartition(":")[2]
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{_show(node.value)} is not a valid {kind}", node.start_mark
+                ) from None
+
+        return run
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag in scalar_tags]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_constructor(prefix + "map", construct_mapping)
+    for tag in ("int", "float", "bool"):
+        Loader.add_constructor(
+            prefix + tag, checked(yaml.SafeLoader.yaml_constructors[prefix + tag])
+        )
+    return Loader
 
 
 # --- validation ----------------------------------------------------------------------------
-
-
-def _describe(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return f"boolean {str(value).lower()}"
-    if isinstance(value, (int, float)):
-        return f"number {value}"
-    if isinstance(value, str):
-        return f"string {value!r}"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
 
 
 class _Checker:
@@ -269,24 +578,26 @@ class _Checker:
 
     def __init__(self, source: Path | None) -> None:
         self.source = source
-        self.file = str(source) if source else None
+        self.file = _file_name(source)
         self.base = source.parent if source else Path.cwd()
 
     def fail(self, where: str, message: str, hint: str | None = None) -> ConfigError:
         return ConfigError(message, file=self.file, field=where, hint=hint)
 
-    def keys(self, data: Mapping[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    def keys(self, data: Mapping[object, Any], allowed: tuple[str, ...], where: str) -> None:
         for key in data:
             if key in allowed:
                 continue
-            path = f"{where}.{key}" if where else str(key)
-            close = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            path = f"{where}.{_label(key)}" if where else _label(key)
+            close = []
+            if isinstance(key, str) and len(key) <= 64:
+                close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'?" if close else "valid keys: " + ", ".join(allowed)
-            raise self.fail(path, f"unknown key {str(key)!r}", hint)
+            raise self.fail(path, f"unknown key {_show(key)}", hint)
 
-    def mapping(self, value: object, where: str) -> Mapping[str, Any]:
+    def mapping(self, value: object, where: str) -> Mapping[object, Any]:
         if not isinstance(value, dict):
-            raise self.fail(where or "(top level)", f"expected an object, got {_describe(value)}")
+            raise self.fail(where, f"expected an object, got {_describe(value)}")
         return value
 
     def string(
@@ -296,28 +607,33 @@ class _Checker:
         *,
         pattern: re.Pattern[str] | None = None,
         expected: str | None = None,
+        multiline: bool = False,
     ) -> str:
+        """Every string a config takes comes through here: one check of its characters."""
         if not isinstance(value, str):
             raise self.fail(where, f"expected {expected or 'a string'}, got {_describe(value)}")
-        if "\x00" in value:
-            raise self.fail(where, "must not contain NUL characters")
-        if pattern is not None and not pattern.match(value):
-            raise self.fail(where, f"{value!r} is not valid; expected {expected}")
+        problem = _forbidden_char(value, multiline=multiline)
+        if problem:
+            raise self.fail(where, problem)
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.fail(where, f"{_show(value)} is not valid; expected {expected}")
         return value
 
     def choice(self, value: object, where: str, choices: tuple[str, ...]) -> str:
+        if isinstance(value, str) and value in choices:
+            return value
+        close = []
+        if isinstance(value, str) and len(value) <= 64:
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
+        hint = f"did you mean '{close[0]}'?" if close else None
         expected = "one of " + ", ".join(choices)
-        if not isinstance(value, str) or value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else None
-            raise self.fail(where, f"expected {expected}, got {_describe(value)}", hint)
-        return value
+        raise self.fail(where, f"expected {expected}, got {_describe(value)}", hint)
 
     def integer(self, value: object, where: str, *, low: int, high: int) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.fail(where, f"expected a whole number, got {_describe(value)}")
         if not low <= value <= high:
-            raise self.fail(where, f"must be between {low} and {high}, got {value}")
+            raise self.fail(where, f"must be between {low} and {high}, got {_describe(value)}")
         return value
 
     def boolean(self, value: object, where: str) -> bool:
@@ -325,20 +641,39 @@ class _Checker:
             raise self.fail(where, f"expected true or false, got {_describe(value)}")
         return value
 
-    def path(self, value: object, where: str) -> Path:
-        text = self.string(value, where, expected="a file path")
+    def path_text(self, value: object, where: str, expected: str) -> str:
+        text = self.string(value, where, expected=expected)
         if not text.strip():
-            raise self.fail(where, "expected a file path, got an empty string")
-        path = Path(text).expanduser()
+            raise self.fail(where, f"expected {expected}, got an empty string")
+        if len(text) > MAX_PATH_CHARS:
+            raise self.fail(where, f"a path of {len(text)} characters (at most {MAX_PATH_CHARS})")
+        return text
+
+    def path(self, value: object, where: str) -> Path:
+        """A host file: ``~`` expanded, relative to the config's folder, normalised."""
+        path = Path(self.path_text(value, where, "a file path")).expanduser()
         if not path.is_absolute():
             path = self.base / path
         return Path(os.path.normpath(path))
+
+    def guest_dir(self, value: object, where: str) -> str:
+        """A folder in the guest: absolute, normalised, not the root."""
+        expected = "an absolute guest folder like /var/tmp"
+        text = self.path_text(value, where, expected)
+        if not text.startswith("/"):
+            raise self.fail(where, f"{_show(text)} is not absolute; expected {expected}")
+        folder = "/" + posixpath.normpath(text).lstrip("/")  # normpath keeps a leading "//"
+        if folder == "/":
+            raise self.fail(where, f"must not be / itself; expected {expected}")
+        return folder
 
     def size(self, value: object, where: str, *, low: int, high: int) -> int:
         size = parse_size(value, where=where, file=self.file)
         if not low <= size <= high:
             raise self.fail(
-                where, f"must be between {format_size(low)} and {format_size(high)}, got {value}"
+                where,
+                f"must be between {format_size(low)} and {format_size(high)}, "
+                f"got {_describe(value)}",
             )
         return size
 
@@ -368,8 +703,10 @@ class _Checker:
 
     def network(self, value: object, where: str) -> Network:
         if isinstance(value, str):
-            kind, _, source = value.partition(":")
-            value = {"type": kind, "source": source} if source else {"type": kind}
+            kind_text, _, source_text = value.partition(":")
+            value = (
+                {"type": kind_text, "source": source_text} if source_text else {"type": kind_text}
+            )
         data = self.mapping(value, where)
         self.keys(data, NETWORK_KEYS, where)
         kind = self.choice(
@@ -414,37 +751,73 @@ class _Checker:
         if endpoint is False or endpoint is None:
             endpoint = "off"
         text = self.string(
-            endpoint, ep_where, expected='"auto", "off", "tcp:127.0.0.1:PORT" or "unix:/PATH"'
+            endpoint,
+            ep_where,
+            expected='"auto", "off", "tcp", "tcp:127.0.0.1:PORT" or "unix:/PATH"',
         )
         if text in ("auto", "off"):
             return Qmp(kind=text, allow_remote=allow_remote)  # type: ignore[arg-type]
+        if text == "tcp":  # a loopback port of ozone's choosing
+            return Qmp(kind="tcp", host="127.0.0.1", port=None, allow_remote=allow_remote)
         if text.startswith("unix:"):
-            return Qmp(kind="unix", path=self.path(text[5:], ep_where), allow_remote=allow_remote)
-        if text.startswith("tcp:"):
-            host, sep, port_text = text[4:].rpartition(":")
-            host = host.strip("[]")
-            if not sep or not host or not port_text.isdigit():
-                raise self.fail(ep_where, f"{text!r} is not an endpoint; expected tcp:HOST:PORT")
-            port = int(port_text)
-            if not 1 <= port <= 65535:
-                raise self.fail(ep_where, f"port {port} is out of range 1-65535")
-            if not allow_remote and not _is_loopback(host):
+            path = self.path(text[5:], ep_where)
+            if "," in str(path):
+                # QEMU reads `-qmp unix:PATH,server=on` as options split at commas: a comma
+                # in PATH would smuggle in options of the config's choosing
                 raise self.fail(
                     ep_where,
-                    f"QMP on {host} would be reachable from other machines, and QMP has no "
-                    "authentication (anyone who reaches it controls the VM)",
-                    hint='bind it to 127.0.0.1, or set "qmp": {"endpoint": "...", '
-                    '"allow_remote": true} if you really mean it',
+                    f"the socket path {_show(str(path))} contains a comma, which QEMU would "
+                    "read as the start of another option",
+                    hint="use a folder and file name without commas",
                 )
-            return Qmp(kind="tcp", host=host, port=port, allow_remote=allow_remote)
+            return Qmp(kind="unix", path=path, allow_remote=allow_remote)
+        if text.startswith("tcp:"):
+            return self.qmp_tcp(text, ep_where, allow_remote=allow_remote)
         raise self.fail(
             ep_where,
-            f'{text!r} is not a QMP endpoint; expected "auto", "off", '
+            f'{_show(text)} is not a QMP endpoint; expected "auto", "off", "tcp", '
             '"tcp:127.0.0.1:PORT" or "unix:/PATH"',
         )
 
+    def qmp_tcp(self, text: str, where: str, *, allow_remote: bool) -> Qmp:
+        host, sep, port_text = text[4:].rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not _PORT_RE.fullmatch(port_text) or not _is_host(host):
+            raise self.fail(
+                where,
+                f"{_show(text)} is not an endpoint; expected tcp:HOST:PORT with HOST an IP "
+                "address or a host name",
+            )
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise self.fail(where, f"port {port} is out of range 1-65535")
+        if not allow_remote and not _is_loopback(host):
+            raise self.fail(
+                where,
+                f"QMP on {host} would be reachable from other machines, and QMP has no "
+                "authentication (anyone who reaches it controls the VM)",
+                hint='bind it to 127.0.0.1, or set "qmp": {"endpoint": "...", '
+                '"allow_remote": true} if you really mean it',
+            )
+        return Qmp(kind="tcp", host=host, port=port, allow_remote=allow_remote)
+
     def config(self, raw: object) -> VMConfig:
-        data = self.mapping(raw, "")
+        if not isinstance(raw, dict):
+            # only the type: a config path can be a symlink to a file its reader may not
+            # see (many a system file read as YAML is one long string): never print it
+            raise self.fail(
+                "(top level)",
+                f"expected an object with keys like name and memory, got {_kind(raw)}",
+            )
+        data: Mapping[object, Any] = raw
+        if data and not any(key in TOP_KEYS for key in data):
+            # not a config at all (another file, or a symlink to one): name none of its keys
+            raise self.fail(
+                "(top level)",
+                "not a VM config: none of its keys is a config key",
+                hint="a VM config has keys like name, memory, disks and cdrom",
+            )
         self.keys(data, TOP_KEYS, "")
         if "name" not in data:
             raise self.fail("name", "missing; every VM needs a name", hint='e.g. "name": "web"')
@@ -456,7 +829,7 @@ class _Checker:
         )
         opt: dict[str, Any] = {}
         if "description" in data:
-            opt["description"] = self.string(data["description"], "description")
+            opt["description"] = self.string(data["description"], "description", multiline=True)
         memory = self.size(data.get("memory", 512), "memory", low=MIN_MEMORY, high=MAX_MEMORY)
         if memory % 1024:
             raise self.fail("memory", "must be a whole number of KiB")
@@ -474,20 +847,20 @@ class _Checker:
         disks_raw = data.get("disks", [])
         if not isinstance(disks_raw, list):
             raise self.fail("disks", f"expected a list of disks, got {_describe(disks_raw)}")
+        if len(disks_raw) > MAX_DISKS:
+            raise self.fail("disks", f"at most {MAX_DISKS} disks")
         disks = tuple(self.disk(d, f"disks[{i}]") for i, d in enumerate(disks_raw))
         seen: dict[Path, int] = {}
         for i, disk in enumerate(disks):
             if disk.path in seen:
                 raise self.fail(f"disks[{i}].path", f"the same image as disks[{seen[disk.path]}]")
             seen[disk.path] = i
-        if len(disks) > 20:
-            raise self.fail("disks", "at most 20 disks")
         cdrom = self.path(data["cdrom"], "cdrom") if "cdrom" in data else None
         for key in ("kernel", "initrd"):
             if key in data:
                 opt[key] = self.path(data[key], key)
         if "cmdline" in data:
-            opt["cmdline"] = self.string(data["cmdline"], "cmdline")
+            opt["cmdline"] = self.string(data["cmdline"], "cmdline", multiline=True)
         for key in ("initrd", "cmdline"):
             if key in data and "kernel" not in data:
                 raise self.fail(key, 'needs a kernel; add "kernel": "path/to/vmlinuz"')
@@ -504,6 +877,8 @@ class _Checker:
             opt["qmp"] = self.qmp(data["qmp"], "qmp")
         if "graphics" in data:
             opt["graphics"] = self.choice(data["graphics"], "graphics", GRAPHICS)
+        if "stage_dir" in data:
+            opt["stage_dir"] = self.guest_dir(data["stage_dir"], "stage_dir")
         return VMConfig(
             name=name, memory=memory, disks=disks, cdrom=cdrom, boot=boot, source=self.source, **opt
         )
@@ -529,6 +904,18 @@ class _Checker:
         return order
 
 
+def _is_host(host: str) -> bool:
+    """An IP address (no IPv6 zone: it may hold any character) or an RFC 1123 host name."""
+    if "%" not in host:
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            pass
+    labels = host.removesuffix(".").split(".")
+    return len(host) <= 253 and all(_HOST_LABEL_RE.fullmatch(label) for label in labels)
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -546,34 +933,70 @@ def parse_config(data: object, *, source: Path | None = None) -> VMConfig:
 
 # --- files the config names ----------------------------------------------------------------
 
+_MISSING = "does not exist"
+_FILE_TYPES = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+    stat.S_IFIFO: "a named pipe",
+    stat.S_IFSOCK: "a socket",
+}
 
-def check_host_paths(config: VMConfig, *, exists: Callable[[Path], bool] = Path.exists) -> None:
-    """Check that the files a config names exist (or can be created). Raises ConfigError."""
-    file = str(config.source) if config.source else None
 
-    def need(path: Path | None, where: str, what: str) -> None:
-        if path is not None and not exists(path):
-            raise ConfigError(f"{what} {path} does not exist", file=file, field=where)
+def _not_a_file(path: Path) -> str | None:
+    """None when ``path`` is a regular file (symlinks followed), else what it is instead."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "is a symlink to a missing file" if os.path.islink(path) else _MISSING
+    except OSError as err:
+        return f"cannot be examined: {err.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    return f"is {_FILE_TYPES.get(stat.S_IFMT(mode), 'a special file')}, not a regular file"
 
-    need(config.cdrom, "cdrom", "ISO")
-    need(config.kernel, "kernel", "kernel")
-    need(config.initrd, "initrd", "initrd")
+
+def check_host_paths(config: VMConfig) -> None:
+    """Check that the files a config names on this host are regular files, or can be
+    created as such (disks with a size or backing, the serial log). Raises ConfigError.
+
+    A directory or a device where ozone or QEMU reads or writes a file is refused: QEMU
+    would use /dev/sda as a disk, and libvirt's log daemon rotates (renames) a serial log.
+    """
+    file = _file_name(config.source)
+
+    def refuse(where: str, message: str, hint: str | None = None) -> ConfigError:
+        return ConfigError(message, file=file, field=where, hint=hint)
+
+    inputs = [
+        ("cdrom", config.cdrom, "ISO"),
+        ("kernel", config.kernel, "kernel"),
+        ("initrd", config.initrd, "initrd"),
+        *((f"disks[{i}].backing", d.backing, "backing image") for i, d in enumerate(config.disks)),
+    ]
+    for where, path, what in inputs:  # read: must be regular files
+        problem = _not_a_file(path) if path is not None else None
+        if problem:
+            raise refuse(where, f"{what} {path} {problem}")
     for i, disk in enumerate(config.disks):
-        need(disk.backing, f"disks[{i}].backing", "backing image")
-        if not exists(disk.path):
-            if disk.size is None and disk.backing is None:
-                raise ConfigError(
-                    f"disk image {disk.path} does not exist",
-                    file=file,
-                    field=f"disks[{i}].path",
-                    hint=f'give disks[{i}] a "size" (e.g. "10GiB") so ozone creates it',
-                )
-            if not exists(disk.path.parent):
-                raise ConfigError(
-                    f"cannot create {disk.path}: folder {disk.path.parent} does not exist",
-                    file=file,
-                    field=f"disks[{i}].path",
-                )
+        where = f"disks[{i}].path"
+        problem = _not_a_file(disk.path)
+        if problem is None:
+            continue
+        if problem != _MISSING:
+            raise refuse(where, f"disk image {disk.path} {problem}")
+        if disk.size is None and disk.backing is None:
+            raise refuse(
+                where,
+                f"disk image {disk.path} {_MISSING}",
+                hint=f'give disks[{i}] a "size" (e.g. "10GiB") so ozone creates it',
+            )
+        if not disk.path.parent.is_dir():
+            raise refuse(where, f"cannot create {disk.path}: folder {disk.path.parent} {_MISSING}")
+    if config.serial_log is not None:
+        problem = _not_a_file(config.serial_log)
+        if problem not in (None, _MISSING):
+            raise refuse("serial_log", f"serial log {config.serial_log} {problem}")
 
 
 # --- lookup by name ------------------------------------------------------------------------
@@ -593,11 +1016,12 @@ def find_config(name_or_path: str) -> Path:
     if looks_like_path:
         path = Path(name_or_path).expanduser()
         if not path.is_file():
-            raise ConfigError("no such config file", file=name_or_path)
+            problem = "not a regular file" if path.exists() else "no such config file"
+            raise ConfigError(problem, file=_file_name(name_or_path))
         return path.absolute()
-    if not NAME_RE.match(name_or_path):
+    if not NAME_RE.fullmatch(name_or_path):
         raise ConfigError(
-            f"{name_or_path!r} is not a VM name or a config path",
+            f"{_show(name_or_path)} is not a VM name or a config path",
             hint="names use letters, digits, '.', '_' and '-'; paths end in .json/.yaml/.yml",
         )
     dirs = config_search_path()

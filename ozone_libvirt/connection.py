@@ -15,6 +15,7 @@ from .errors import (
     AgentError,
     ConflictError,
     ConnectionFailed,
+    ConnectionLost,
     LibvirtFailure,
     NotFoundError,
     OzoneError,
@@ -24,6 +25,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .domain_xml import HostFacts
+    from .metadata import OzoneMetadata
 
 T = TypeVar("T")
 
@@ -42,13 +44,34 @@ _NOT_FOUND = {
 }
 
 
+def _connection_broke(err: libvirt.libvirtError) -> bool:
+    """Did an established connection break? (Its RPC layer reports it: "client socket is
+    closed", "Cannot recv data: Connection reset by peer", ...)"""
+    return err.get_error_domain() == libvirt.VIR_FROM_RPC and err.get_error_code() in (
+        libvirt.VIR_ERR_INTERNAL_ERROR,
+        libvirt.VIR_ERR_SYSTEM_ERROR,
+        libvirt.VIR_ERR_RPC,
+        libvirt.VIR_ERR_NO_CONNECT,
+    )
+
+
+def lost_connection(uri: str | None) -> ConnectionLost:
+    return ConnectionLost(
+        f"lost the connection to libvirt at {uri or 'the default URI'}",
+        hint="did libvirtd restart or stop? scripts/setup-host starts it",
+    )
+
+
 def translate(
     err: libvirt.libvirtError, *, name: str | None = None, uri: str | None = None
 ) -> OzoneError:
     """Map a libvirt error to ozone's hierarchy by its error code (never by message text,
-    except to add a hint for well-known causes)."""
+    except to add a hint for well-known causes). For errors of an open connection;
+    :func:`open_connection` reports its own."""
     code = err.get_error_code()
     message = (err.get_error_message() or str(err)).strip()
+    if _connection_broke(err):
+        return lost_connection(uri)
     if code in _NOT_FOUND:
         text = _NOT_FOUND[code].format(name=name) if name else message
         hint = (
@@ -98,9 +121,13 @@ def translate_agent_error(
     marker = f"unable to execute QEMU agent command '{command}': "
     if marker in message:
         return AgentCommandFailed(command, message.split(marker, 1)[1], name=name)
+    if _connection_broke(err) or not dom.connect().isAlive():
+        return lost_connection(None)
     try:
         active = bool(dom.isActive())
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as state_err:
+        if _connection_broke(state_err):
+            return lost_connection(None)
         active = False
     if not active:
         return StateError(f"{name} is not running", hint=f"`ozone start {name} --wait`")
@@ -138,10 +165,37 @@ def open_connection(uri: str | None = None) -> libvirt.virConnect:
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError as err:
-        raise translate(err, uri=uri) from None
+        message = (err.get_error_message() or str(err)).strip()
+        raise ConnectionFailed(
+            f"cannot connect to libvirt at {uri or 'the default URI'}: {message}",
+            hint="is libvirtd running? scripts/setup-host starts it; -c URI picks another host",
+        ) from None
     if conn is None:  # pragma: no cover - older bindings
         raise ConnectionFailed(f"cannot connect to libvirt at {uri or 'the default URI'}")
     return conn
+
+
+def domain_metadata(dom: libvirt.virDomain, *, defined: bool = False) -> OzoneMetadata | None:
+    """ozone's facts about a domain (None for a domain ozone did not make): those of the
+    running VM (what QEMU was started with), or with ``defined`` those of its definition,
+    which a redefine changes at once (a transient domain has only the first)."""
+    from .metadata import OZONE_NS, parse_metadata
+
+    kind = libvirt.VIR_DOMAIN_METADATA_ELEMENT
+    try:
+        if defined:
+            try:
+                return parse_metadata(
+                    dom.metadata(kind, OZONE_NS, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+                )
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:
+                    raise  # (OPERATION_INVALID: a transient domain has no definition)
+        return parse_metadata(dom.metadata(kind, OZONE_NS, 0))
+    except libvirt.libvirtError as err:
+        if err.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
+            return None
+        raise translate(err, name=dom.name()) from None
 
 
 @contextlib.contextmanager
@@ -179,19 +233,39 @@ def host_facts(conn: libvirt.virConnect) -> HostFacts:
         if name
     )
     uri = conn.getURI()
-    if uri.startswith("qemu:///session") and os.getuid() != 0:
-        log_dir = Path.home() / ".cache/libvirt/qemu/log"
-    else:
-        log_dir = Path("/var/log/libvirt/qemu")
-    return HostFacts(kvm=kvm, log_dir=log_dir, accel_override=accel_override(), machines=machines)
+    session = uri.startswith("qemu:///session") and os.getuid() != 0
+    log_dir = Path.home() / ".cache/libvirt/qemu/log" if session else Path("/var/log/libvirt/qemu")
+    # the user libvirt runs QEMU as, for each domain type (none in a session: ourselves)
+    labels = {
+        label.get("type"): label.text
+        for label in caps.xpath("host/secmodel[model='dac']/baselabel")
+        if label.text
+    }
+    override = accel_override()
+    qemu_label = labels.get("qemu") or labels.get("kvm")
+    qmp_dir = None
+    if is_local(conn):
+        from .state import qmp_folder
+
+        qmp_dir = qmp_folder(session=session)
+    return HostFacts(
+        kvm=kvm,
+        log_dir=log_dir,
+        accel_override=override,
+        machines=machines,
+        qmp_dir=qmp_dir,
+        qemu_label=qemu_label,
+    )
 
 
 def local_host_facts() -> HostFacts:
     """Best guess without a connection (for `ozone xml`)."""
     from .domain_xml import HostFacts
+    from .state import qmp_folder
 
     kvm = os.path.exists("/dev/kvm")
-    return HostFacts(kvm=kvm, accel_override=accel_override())
+    qmp_dir = qmp_folder(session=os.getuid() != 0)
+    return HostFacts(kvm=kvm, accel_override=accel_override(), qmp_dir=qmp_dir)
 
 
 def accel_override() -> str | None:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,16 +20,17 @@ from lxml import etree
 from lxml.builder import ElementMaker
 
 from .errors import ConfigError
+from .metadata import OZONE_NS, OZONE_PREFIX, OzoneMetadata, QmpEndpoint, parse_metadata
 
 if TYPE_CHECKING:
     from .config import VMConfig
 
-OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
-OZONE_PREFIX = "ozone"
+__all__ = ["OZONE_NS", "OzoneMetadata", "QmpEndpoint", "parse_metadata"]
+
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 
-# `qmp: auto` picks a loopback port in this range, below Linux's ephemeral port range so
+# `qmp: tcp` picks a loopback port in this range, below Linux's ephemeral port range so
 # outgoing connections never hold it. The first choice is derived from the VM name, so
 # `ozone xml` is deterministic; `define` moves on to the next free one on a clash.
 QMP_PORT_BASE = 24000
@@ -45,13 +49,11 @@ class HostFacts:
     log_dir: Path = Path("/var/log/libvirt/qemu")  # where libvirt's QEMU logs live
     accel_override: str | None = None  # OZONE_ACCEL: auto|kvm|tcg
     machines: frozenset[str] = frozenset()  # x86_64 machine types QEMU offers (empty: unknown)
-
-
-@dataclass(frozen=True)
-class OzoneMetadata:
-    source: str | None
-    hash: str | None
-    qmp: str | None
+    # the folder for `qmp: auto` sockets, private to QEMU's user (None: none can be made
+    # here, e.g. on a remote host, and `auto` means no passthrough endpoint)
+    qmp_dir: Path | None = None
+    # the user:group libvirt runs QEMU as (DAC label "+UID:+GID"), when known
+    qemu_label: str | None = None
 
 
 def preferred_qmp_port(name: str, attempt: int = 0) -> int:
@@ -92,9 +94,20 @@ def serial_log_path(config: VMConfig, facts: HostFacts) -> Path:
     return config.serial_log or facts.log_dir / f"{config.name}-serial.log"
 
 
-def qmp_qemu_arg(endpoint: str) -> str:
-    """``tcp:127.0.0.1:4444`` → the value of QEMU's ``-qmp`` option."""
-    return f"{endpoint},server=on,wait=off"
+def planned_qmp(config: VMConfig, facts: HostFacts) -> QmpEndpoint | None:
+    """The QMP endpoint a config gets before any clash with other VMs is looked at: what
+    `ozone xml` shows and where `define` starts from."""
+    qmp = config.qmp
+    if qmp.kind == "off":
+        return None
+    if qmp.kind == "auto":
+        if facts.qmp_dir is None:
+            return None
+        return QmpEndpoint("unix", path=str(facts.qmp_dir / f"{config.name}.sock"))
+    if qmp.kind == "unix":
+        return QmpEndpoint("unix", path=str(qmp.path))
+    port = qmp.port if qmp.port is not None else preferred_qmp_port(config.name)
+    return QmpEndpoint("tcp", host=qmp.host or "127.0.0.1", port=port, auto=qmp.port is None)
 
 
 def _disk_targets(config: VMConfig) -> tuple[list[str], str]:
@@ -115,13 +128,19 @@ def build_domain(
     config: VMConfig,
     *,
     facts: HostFacts,
-    qmp_endpoint: str | None,
+    qmp_endpoint: QmpEndpoint | None,
     uuid: str | None = None,
+    backing_formats: Mapping[Path, str] | None = None,
+    run_as: str | None = None,
 ) -> etree._Element:
     """The libvirt domain XML for ``config``.
 
-    ``qmp_endpoint`` is the resolved endpoint (``tcp:HOST:PORT`` or ``unix:PATH``), or None
-    for no QMP passthrough; ``uuid`` keeps an existing domain's identity on redefine.
+    ``qmp_endpoint`` is the resolved QMP endpoint, or None for no QMP passthrough; ``uuid``
+    keeps an existing domain's identity on redefine. ``backing_formats`` (the image format
+    of each disk's backing image, where known) lets the XML name the backing images, so that
+    libvirt never changes their owner: it chowns read-only images to QEMU's user when a VM
+    starts and never gives them back. With ``run_as`` ("+UID:+GID") QEMU runs as that user
+    and libvirt relabels no file at all (throwaway VMs, whose own files ozone chowns).
     """
     dtype = domain_type(config, facts)
     nsmap = {"qemu": QEMU_NS} if qmp_endpoint else None
@@ -136,7 +155,12 @@ def build_domain(
     if config.source:
         meta.insert(0, O.source(str(config.source)))
     if qmp_endpoint:
-        meta.append(O.qmp(qmp_endpoint))
+        qmp_el = O.qmp(str(qmp_endpoint))
+        if qmp_endpoint.auto:
+            qmp_el.set("port", "auto")
+        meta.append(qmp_el)
+    if config.stage_dir:
+        meta.append(O("stage-dir", config.stage_dir))
     root.append(E.metadata(meta))
 
     kib = str(config.memory // 1024)
@@ -163,30 +187,51 @@ def build_domain(
     root.append(E.on_reboot("restart"))
     root.append(E.on_crash("destroy"))
 
-    root.append(_devices(config, facts))
+    # a domain-level label covers every file: libvirt refuses per-file ones beside it
+    root.append(_devices(config, facts, backing_formats or {}, keep_owners=run_as is None))
+    if run_as:
+        root.append(
+            E.seclabel(E.label(run_as), type="static", model="dac", relabel="no"),
+        )
     if qmp_endpoint:
-        root.append(Q.commandline(Q.arg(value="-qmp"), Q.arg(value=qmp_qemu_arg(qmp_endpoint))))
+        root.append(Q.commandline(Q.arg(value="-qmp"), Q.arg(value=qmp_endpoint.qemu_arg())))
     return root
 
 
-def _devices(config: VMConfig, facts: HostFacts) -> etree._Element:
+def _kept_owner(wanted: bool) -> list[etree._Element]:
+    """Inside a ``<source>``: libvirt must not chown this file (it would never give it back)."""
+    return [E.seclabel(model="dac", relabel="no")] if wanted else []
+
+
+def _devices(
+    config: VMConfig, facts: HostFacts, backing_formats: Mapping[Path, str], *, keep_owners: bool
+) -> etree._Element:
     devices = E.devices()
     targets, cdrom_target = _disk_targets(config)
     for disk, target in zip(config.disks, targets, strict=True):
-        devices.append(
-            E.disk(
-                E.driver(name="qemu", type=disk.format, discard="unmap"),
-                E.source(file=str(disk.path)),
-                E.target(dev=target, bus=disk.bus),
-                type="file",
-                device="disk",
-            )
+        element = E.disk(
+            E.driver(name="qemu", type=disk.format, discard="unmap"),
+            E.source(file=str(disk.path)),
+            type="file",
+            device="disk",
         )
+        backing_format = backing_formats.get(disk.backing) if disk.backing else None
+        if backing_format:
+            # the rest of the chain, if any, libvirt finds itself (and keeps its owners too)
+            element.append(
+                E.backingStore(
+                    E.format(type=backing_format),
+                    E.source(*_kept_owner(keep_owners), file=str(disk.backing)),
+                    type="file",
+                )
+            )
+        element.append(E.target(dev=target, bus=disk.bus))
+        devices.append(element)
     if config.cdrom:
         devices.append(
             E.disk(
                 E.driver(name="qemu", type="raw"),
-                E.source(file=str(config.cdrom)),
+                E.source(*_kept_owner(keep_owners), file=str(config.cdrom)),
                 E.target(dev=cdrom_target, bus="sata"),
                 E.readonly(),
                 type="file",
@@ -231,26 +276,6 @@ def to_string(root: etree._Element) -> str:
 # --- reading back ---------------------------------------------------------------------------
 
 
-def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
-    """ozone's metadata from a domain XML or from the ``<ozone:vm>`` element alone."""
-    if not xml:
-        return None
-    root = etree.fromstring(xml.encode() if isinstance(xml, str) else xml)
-    if root.tag in ("vm", f"{{{OZONE_NS}}}vm"):
-        vm = root  # virDomainGetMetadata returns the element without its namespace
-    else:
-        vm = root.find(f"metadata/{{{OZONE_NS}}}vm")
-    if vm is None:
-        return None
-    ns = f"{{{OZONE_NS}}}" if vm.tag.startswith("{") else ""
-
-    def text(tag: str) -> str | None:
-        el = vm.find(ns + tag)
-        return el.text if el is not None else None
-
-    return OzoneMetadata(source=text("source"), hash=text("hash"), qmp=text("qmp"))
-
-
 def serial_log_of(xml: str) -> str | None:
     """The serial log file a domain XML names, if any."""
     root = etree.fromstring(xml.encode())
@@ -258,19 +283,60 @@ def serial_log_of(xml: str) -> str | None:
     return log.get("file") if log is not None else None
 
 
+@dataclass(frozen=True)
+class FileUse:
+    """A file a domain uses, and how: ``disk`` (written), ``read-only disk``, ``cdrom``,
+    ``backing image`` (read under an overlay), ``kernel``, ``initrd``."""
+
+    role: str
+    path: Path
+
+
+def files_of(xml: str) -> list[FileUse]:
+    """Every file a domain XML names: its disks, cdroms, kernel, initrd and (in the XML of a
+    running domain, or where ozone wrote it) the backing images under its disks."""
+    root = etree.fromstring(xml.encode())
+    uses = []
+
+    def add(role: str, name: str | None) -> None:
+        if name:
+            uses.append(FileUse(role, Path(os.path.normpath(name))))
+
+    for tag in ("kernel", "initrd"):
+        add(tag, root.findtext(f"os/{tag}"))
+    for disk in root.iterfind("devices/disk"):
+        source = disk.find("source")
+        if source is None:
+            continue
+        if disk.get("device", "disk") == "cdrom":
+            role = "cdrom"
+        elif disk.find("readonly") is not None or disk.find("shareable") is not None:
+            role = "read-only disk"
+        else:
+            role = "disk"
+        add(role, source.get("file"))
+        for store in disk.iterfind(".//backingStore/source"):
+            add("backing image", store.get("file"))
+    return uses
+
+
 def disk_images_of(xml: str) -> list[str]:
     """Files of the domain's writable disks (not cdroms, not read-only or shareable ones)."""
+    return [str(use.path) for use in files_of(xml) if use.role == "disk"]
+
+
+def with_qmp_endpoint(xml: str, endpoint: QmpEndpoint) -> str:
+    """A domain XML of ozone's with its QMP passthrough moved to ``endpoint``."""
     root = etree.fromstring(xml.encode())
-    files = []
-    for disk in root.findall("devices/disk"):
-        if disk.get("device", "disk") != "disk":
-            continue
-        if disk.find("readonly") is not None or disk.find("shareable") is not None:
-            continue
-        source = disk.find("source")
-        if source is not None and source.get("file"):
-            files.append(source.get("file"))
-    return files
+    args = root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")
+    for flag, value in itertools.pairwise(args):
+        if flag.get("value") == "-qmp":
+            value.set("value", endpoint.qemu_arg())
+    for qmp in root.iterfind(f"metadata/{{{OZONE_NS}}}vm/{{{OZONE_NS}}}qmp"):
+        qmp.text = str(endpoint)
+        if endpoint.auto:
+            qmp.set("port", "auto")
+    return etree.tostring(root, encoding="unicode")
 
 
 def has_agent_channel(xml: str) -> bool:

@@ -94,6 +94,13 @@ class ConnectionFailed(OzoneError):
     code = "connection"
 
 
+class ConnectionLost(ConnectionFailed):
+    """An open libvirt connection broke (libvirtd restarted or died, the network dropped):
+    the VM itself may well be running on."""
+
+    code = "connection-lost"
+
+
 class TimeoutExpired(OzoneError):
     """A bounded wait ran out."""
 
@@ -104,6 +111,10 @@ class AgentError(OzoneError):
     """The QEMU guest agent is missing, not answering, or returned an error."""
 
     code = "agent"
+
+
+class RequestTooLarge(AgentError):
+    """A request bigger than the guest agent reliably takes (it stalls on them)."""
 
 
 class AgentCommandFailed(AgentError):
@@ -157,3 +168,20 @@ class LibvirtFailure(OzoneError):
     """Any other libvirt error, with libvirt's own message."""
 
     code = "libvirt"
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the command stops (after cleaning up) and exits 128+N,
+    like a shell reports a process killed by signal N (130 for Ctrl-C, 143 for SIGTERM)."""
+
+    def __init__(self, signum: int = 2) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def interrupted_exit_code(err: KeyboardInterrupt) -> int:
+    return err.exit_code if isinstance(err, Interrupted) else 130

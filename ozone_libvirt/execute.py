@@ -3,22 +3,33 @@ code, timeout, through nothing but the QEMU guest agent.
 
 qemu-ga's own ``guest-exec`` capture returns output only when the program has exited, and
 libvirt refuses replies over a few MiB. So the program runs under a small POSIX-shell
-wrapper (:data:`WRAPPER`) that sends its stdout and stderr to files in the guest's /tmp:
+wrapper (:func:`wrapper`) that sends its stdout and stderr to files in a private folder in the
+guest (the *stage*):
 
 * a program that ends quickly with little output costs exactly what a bare ``guest-exec`` +
   ``guest-exec-status`` loop costs: at exit the wrapper prints a header line and the whole
   (small) output on its own stdout/stderr, which come back in the final ``guest-exec-status``;
 * a program that runs longer is streamed: the host opens both files and reads what is new on
-  every poll, then drops a ``.stream`` marker so that the wrapper, at exit, leaves the output
+  every poll, then drops a ``stream`` marker so that the wrapper, at exit, leaves the output
   to the open handles instead of capturing it again;
 * a quick program with a lot of output leaves its files behind ("kept"), the host reads them
   and removes them.
 
-The header (``OZONE-EXEC RC OUT_SIZE ERR_SIZE MODE``) carries the exact output sizes, so a
-short read is an error, never silent truncation. stdin travels as numbered chunk files that a
-feeder loop in the wrapper cats into a FIFO, announced on a control FIFO: the agent only ever
-writes to regular files (its non-blocking writes to a pipe could lose data), and the host keeps
-at most :data:`STDIN_WINDOW` chunks outstanding so the guest's /tmp never holds much of it.
+The header (``OZONE-EXEC RC OUT_SIZE ERR_SIZE MODE [full KIB]``) carries the exact output
+sizes, so a short read is an error, never silent truncation; ``full`` says the stage ran out
+of space, so the output may be incomplete (ozone then exits 125 instead of passing a
+truncated success off as real). stdin travels as numbered chunk files that a feeder loop in
+the wrapper cats into a FIFO, announced on a control FIFO: the agent only ever writes to
+regular files (its non-blocking writes to a pipe could lose data), and the host keeps at most
+:data:`STDIN_WINDOW` chunks outstanding so the stage never holds much of it.
+
+Other users of the guest: the stage is a folder the wrapper creates with ``mkdir`` (mode 0700,
+root's) under a random name that appears on no command line (it travels in the wrapper's
+environment), inside a folder that only root can write or that is sticky (``/var/tmp`` by
+default). Every file ozone makes in the guest lives in it: qemu-ga creates files mode 0666
+whatever the umask, and follows symlinks, so no file of ours may ever sit where another user
+can reach it or plant one first. With ``--user`` the program's own output files and stdin FIFO
+are handed to that user (it may reopen /dev/stdout), the folder stays root's.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import math
 import queue
 import re
 import secrets
@@ -33,7 +45,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import IO, Any
 
 import libvirt
@@ -41,16 +53,20 @@ import libvirt
 from .agent import READ_CHUNK, Agent
 from .errors import (
     AgentCommandFailed,
+    ConnectionLost,
     ExecFailed,
     ExecTimeout,
+    Interrupted,
     OzoneError,
+    RequestTooLarge,
     StateError,
     UsageError,
 )
 
 Sink = Callable[[bytes], Any]
 
-GUEST_TMP = "/tmp"
+DEFAULT_STAGE = "/var/tmp"  # on disk on most distributions, unlike a small tmpfs /tmp
+STAGE_RE = re.compile(r"/[A-Za-z0-9._+@=,/-]*", re.ASCII)
 CAPTURE_LIMIT = 256 << 10  # each stream up to this size comes back in guest-exec-status
 STREAM_AFTER = 0.1  # seconds a program runs before its output is streamed
 FIRST_POLL = 0.75  # first guest-exec-status after this share of a short run's usual time
@@ -59,32 +75,68 @@ POLL_MAX = 0.05  # longest pause between polls while nothing happens
 STDIN_CHUNK = 1 << 20
 STDIN_WINDOW = 4
 KILL_WAIT = 10.0
+RECONNECT_WAIT = 30.0  # after losing libvirt: how long to try to reach the VM again
+# Linux takes at most 128 KiB in one argument (MAX_ARG_STRLEN, with its NUL) and about
+# 2 MiB in all (a quarter of the stack limit); ozone passes up to 1 MiB, through a file in
+# the stage when it is more than one agent request carries
+ARG_MAX_ONE = (128 << 10) - 1
+ARGS_MAX_TOTAL = 1 << 20
 
 # The wrapper is put together from these parts for each run, only with the parts that run
 # needs: under TCG the guest's shell costs about 0.5 ms per command it reads, so the common
-# path (no cwd, user or stdin) is kept to a few lines. Arguments: PREFIX LIMIT CWD USER -- ARGV.
+# path (no cwd, user or stdin) is kept short. Arguments: LIMIT CWD USER -- ARGV; the stage
+# folder comes in OZONE_P (never on a command line), OZONE_ARGS=1 says the host made it and
+# put the argv and environment in its "args" file.
 _HEAD = """unset OZONE_EXEC
+p=$OZONE_P
+unset OZONE_P OZONE_ARGS
 P=$PATH PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
-p=$1 n=$2 c=$3 u=$4
-shift 5
-set -C
-command exec 3>"$p.out" 4>"$p.err" 6>&2 2>/dev/null || {
-  printf 'OZONE-EXEC 125 0 0 failed cannot create %s\\n' "$p.out"
+n=$1 c=$2 u=$3 k=
+shift 4
+umask 077
+fail() {
+  printf 'OZONE-EXEC 125 0 0 failed %s\\n' "$*"
+  [ -n "$k" ] && rm -rf -- "$p"
   exit 125
 }
 """
-_FAIL = """fail() {
-  printf 'OZONE-EXEC 125 0 0 failed %s\\n' "$*"
-  rm -f -- "$p.out" "$p.err" "$p.ctl" "$p.in"
-  exit 125
-}
+# a stage folder only root can write in, or a sticky one (/tmp, /var/tmp): nobody else can
+# move our folder away and put a symlink in its place
+_STAGE = """s=${p%/*}
+[ -d "$s" ] || fail "stage: the guest has no folder $s"
+if [ ! -k "$s" ]; then
+  [ -O "$s" ] || fail "stage: $s is not root's"
+  w() { m=$1; }
+  w $(ls -ldL -- "$s")
+  case $m in ?????w* | ????????w*) fail "stage: others can write in $s" ;; esac
+fi
+"""
+_MKDIR = """mkdir -- "$p" 2>/dev/null || fail "stage: $(mkdir -- "$p" 2>&1)"
+k=1
+"""
+_ARGS = """s=${p%/*}
+[ -d "$p" ] && [ ! -h "$p" ] && [ -O "$p" ] || fail "stage: $p is not ozone's"
+k=1
+. "$p/args"
+"""
+# appending: a program that reopens /dev/stdout with > truncates the file (as it would
+# locally); its later writes then land at the new end, not at a stale offset after a hole
+_FILES = """command exec 3>>"$p/out" 4>>"$p/err" 6>&2 2>/dev/null ||
+  fail "stage: cannot create files in $s"
 """
 _CWD = """cd -- "$c" || fail "cannot change to directory $c"
 """
+# runuser (util-linux) where there is one, else su: util-linux su reads options after the
+# user name as its own, so the program's arguments come after --
 _USER = """id -u -- "$u" >/dev/null || fail "no user $u"
-set -- "$(command -v su)" -s /bin/sh "$u" -c 'exec "$0" "$@"' "$@"
+chown -- "$u" "$p/out" "$p/err" FIFO || fail "cannot hand the output files to $u"
+if command -v runuser >/dev/null; then
+  set -- "$(command -v runuser)" -u "$u" -- "$@"
+else
+  set -- "$(command -v su)" -s /bin/sh -c 'exec "$0" "$@"' -- "$u" "$@"
+fi
 """
-_EXEC = """(PATH=$P
+_EXEC = """(umask 022; PATH=$P
 command -v -- "$1" >/dev/null || {
   printf '%s: command not found\\n' "$1" >&2
   exit 127
@@ -95,57 +147,81 @@ _RUN = (
 r=$?
 """
 )
+_FIFOS = """mkfifo -m 600 "$p/ctl" "$p/in" || fail "stage: cannot make FIFOs in $p"
+"""
 _RUN_STDIN = (
-    """mkfifo -m 600 "$p.ctl" "$p.in" || fail "cannot make FIFOs $p.ctl, $p.in"
-(
-  exec 3>&- 4>&- 6>&- 5<>"$p.ctl" >"$p.in"
-  while read -r k <&5 && [ "$k" != eof ]; do
-    cat -- "$p.in.$k" || break
-    rm -f -- "$p.in.$k"
+    """(
+  exec 3>&- 4>&- 6>&- 5<>"$p/ctl" >"$p/in"
+  while read -r i <&5 && [ "$i" != eof ]; do
+    cat -- "$p/in.$i" || break
+    rm -f -- "$p/in.$i"
   done
 ) &
 f=$!
 """
     + _EXEC
-    + """ <"$p.in" >&3 2>&4 3>&- 4>&- 6>&-
+    + """ <"$p/in" >&3 2>&4 3>&- 4>&- 6>&-
 r=$?
 kill "$f"
 """
 )
+# After the program: can the stage still take a byte? (A full one made the program's writes
+# fail: its output may be incomplete.) A user's writes stop at the reserved blocks, which
+# root may still use: for --user, df says whether any room is left for users. The output is
+# measured and read through the wrapper's own descriptors, which hold it even if the program
+# removed the files.
 _TAIL = """m=captured
-[ -e "$p.stream" ] && m=streamed
-if [ -s "$p.out" ] || [ -s "$p.err" ]; then
-  set -- $(wc -c "$p.out" "$p.err")
+[ -e "$p/stream" ] && m=streamed
+x=
+printf x >>"$p/probe" || { [ -d "$p" ] && x=full; }
+ROOM
+if [ -n "$x" ]; then
+  set -- $(df -Pk -- "$p")
+  x="full ${11:-0}"
+fi
+o=/proc/$$/fd/3 e=/proc/$$/fd/4
+if [ -s $o ] || [ -s $e ]; then
+  set -- $(wc -c $o $e)
   if [ $m = captured ] && { [ "$1" -gt "$n" ] || [ "$3" -gt "$n" ]; }; then m=kept; fi
-  printf 'OZONE-EXEC %d %d %d %s\\n' "$r" "$1" "$3" $m
+  printf 'OZONE-EXEC %d %d %d %s %s\\n' "$r" "$1" "$3" $m "$x"
   if [ $m = captured ]; then
-    [ "$1" = 0 ] || cat -- "$p.out"
-    [ "$3" = 0 ] || cat -- "$p.err" >&6
+    [ "$1" = 0 ] || cat $o
+    [ "$3" = 0 ] || cat $e >&6
   fi
   [ $m = kept ] && exit "$r"
 else
-  printf 'OZONE-EXEC %d 0 0 %s\\n' "$r" $m
+  printf 'OZONE-EXEC %d 0 0 %s %s\\n' "$r" $m "$x"
 fi
-exec rm -f -- "$p.out" "$p.err" "$p.stream" FIFOS
+exec rm -rf -- "$p"
 """
+_ROOM = """if [ -z "$x" ]; then
+  set -- $(df -Pk -- "$p")
+  [ "${11:-1}" = 0 ] && x=full
+fi"""
 
 
-def wrapper(*, cwd: bool, user: bool, stdin: bool) -> str:
+def wrapper(*, cwd: bool, user: bool, stdin: bool, argfile: bool = False) -> str:
     """The shell program that runs one command (see the module docs). Its last act is to
     become `rm` (one fork fewer in the guest), so its own exit status means nothing: the
     program's is in the header."""
-    fifos = '"$p.ctl" "$p.in"' if stdin else ""
     return "".join(
         [
             _HEAD,
-            _FAIL if cwd or user or stdin else "",
+            _ARGS if argfile else _STAGE + _MKDIR,
+            _FILES,
             _CWD if cwd else "",
-            _USER if user else "",
+            _FIFOS if stdin else "",
+            _USER.replace(" FIFO", ' "$p/in"' if stdin else "") if user else "",
             _RUN_STDIN if stdin else _RUN,
-            _TAIL.replace(" FIFOS", " " + fifos if fifos else ""),
+            _TAIL.replace("ROOM", _ROOM if user else ""),
         ]
     )
 
+
+# Make the stage folder (for a run whose arguments go in a file): the wrapper's own checks.
+PREPARE = "\n".join(
+    ["p=$1 k=", "fail() {", '  printf "%s\\n" "$*"', "  exit 1", "}", _STAGE + _MKDIR]
+)
 
 # The environment every guest program starts with (qemu-ga's own is replaced, so that values
 # given with --env travel in the environment, never on a command line that `ps` shows).
@@ -153,7 +229,7 @@ BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
 }
-CLEANUP = 'rm -f -- "$1.out" "$1.err" "$1.stream" "$1.ctl" "$1.in" "$1".in.*'
+CLEANUP = 'rm -rf -- "$1"'
 # signal every process below the wrapper (collected before any of them dies), and with
 # KILL the wrapper too: INT goes to the program, like Ctrl-C at a terminal, and the wrapper
 # lives on to report how it ended
@@ -171,7 +247,7 @@ w "$2"
 exit 0
 """
 
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*", re.ASCII)
 
 
 @dataclass
@@ -189,12 +265,32 @@ class ExecResult:
         return self.exit_code == 0
 
 
+@dataclass(frozen=True)
+class ExecOptions:
+    """How to run a program (everything but the program and where its output goes)."""
+
+    env: Mapping[str, str] = field(default_factory=dict)
+    cwd: str | None = None
+    user: str | None = None
+    stdin: IO[bytes] | bytes | None = None
+    timeout: float | None = None  # seconds; None: no limit
+    stage_dir: str | None = None  # the guest folder to stage output in (DEFAULT_STAGE)
+
+
 @dataclass
 class _Header:
     exit_code: int
     sizes: tuple[int, int]
     mode: str  # captured | streamed | kept | failed
     message: str = ""
+
+    @property
+    def full(self) -> str | None:
+        """KiB left in a stage that ran full (None: it did not)."""
+        words = self.message.split()
+        if self.mode == "failed" or not words or words[0] != "full":
+            return None
+        return words[1] if len(words) > 1 else "?"
 
 
 def _parse_header(data: bytes) -> tuple[_Header | None, bytes]:
@@ -207,8 +303,60 @@ def _parse_header(data: bytes) -> tuple[_Header | None, bytes]:
     except ValueError:
         return None, data
     if len(fields) > 5:
-        header.message = fields[5]
+        header.message = fields[5].strip()
     return header, rest
+
+
+def check_argv(argv: list[str], env: Mapping[str, str] | None) -> list[str]:
+    """Refuse what cannot reach a guest program; return the environment assignments."""
+    if not argv:
+        raise UsageError("no command given", hint="put it after --, e.g. `ozone exec web -- ls /`")
+    merged = dict(BASE_ENV)
+    for key, value in (env or {}).items():
+        if not _ENV_NAME.fullmatch(key):
+            raise UsageError(
+                f"{key!r} is not a valid environment variable name",
+                hint="use letters, digits and _, not starting with a digit (--env NAME=VALUE)",
+            )
+        merged[key] = value
+    assignments = [f"{key}={value}" for key, value in merged.items()]
+    total = 0
+    for i, text in enumerate((*argv, *assignments)):
+        if "\0" in text:
+            raise UsageError("arguments and environment values cannot contain NUL bytes")
+        size = len(text.encode(errors="surrogateescape"))
+        total += size + 1
+        if size > ARG_MAX_ONE:
+            what = f"argument {i + 1}" if i < len(argv) else f"--env {text.split('=', 1)[0]}"
+            raise UsageError(
+                f"{what} is {size} bytes; Linux takes at most {ARG_MAX_ONE} in one",
+                hint="pass large data on stdin (-i) or in a file (ozone cp)",
+            )
+    if total > ARGS_MAX_TOTAL:
+        raise UsageError(
+            f"the command line and environment are {total} bytes; ozone passes at most "
+            f"{ARGS_MAX_TOTAL} (Linux's own limit is about 2 MiB)",
+            hint="pass large data on stdin (-i) or in a file (ozone cp)",
+        )
+    return assignments
+
+
+def check_options(options: ExecOptions) -> str:
+    """Refuse impossible options up front; returns the stage folder to use."""
+    timeout = options.timeout
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise UsageError(f"timeout {timeout:g} is not a number of seconds above 0")
+    stage = options.stage_dir or DEFAULT_STAGE
+    if not STAGE_RE.fullmatch(stage) or stage == "/" or "//" in stage or "/." in stage:
+        raise UsageError(
+            f"stage folder {stage!r} is not a plain absolute guest path",
+            hint="use letters, digits and . _ + @ = , - in an absolute path, e.g. /var/tmp",
+        )
+    return stage.rstrip("/")
+
+
+def _shell_quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
 
 
 class _Output:
@@ -287,9 +435,9 @@ class _Output:
 class _StdinFeeder:
     """Moves the host's stdin into the guest program as chunk files (see module docs)."""
 
-    def __init__(self, agent: Agent, prefix: str, source: IO[bytes] | bytes) -> None:
+    def __init__(self, agent: Agent, folder: str, source: IO[bytes] | bytes) -> None:
         self.agent = agent
-        self.prefix = prefix
+        self.folder = folder
         self.ctl: int | None = None
         self.next_chunk = 0
         self.outstanding: collections.deque[int] = collections.deque()
@@ -328,11 +476,11 @@ class _StdinFeeder:
             return False
         if self.ctl is None:
             try:  # r+ never creates the file: wait for the wrapper's FIFO
-                self.ctl = self.agent.open(f"{self.prefix}.ctl", "r+")
+                self.ctl = self.agent.open(f"{self.folder}/ctl", "r+")
             except AgentCommandFailed:
                 return False
         while len(self.outstanding) >= STDIN_WINDOW:
-            if self.agent.exists(f"{self.prefix}.in.{self.outstanding[0]}"):
+            if self.agent.exists(f"{self.folder}/in.{self.outstanding[0]}"):
                 return False  # the program has not read that far yet
             self.outstanding.popleft()
         try:
@@ -345,7 +493,7 @@ class _StdinFeeder:
             return True
         k = self.next_chunk
         self.next_chunk += 1
-        handle = self.agent.open(f"{self.prefix}.in.{k}", "w")
+        handle = self.agent.open(f"{self.folder}/in.{k}", "w")
         try:
             self.agent.write(handle, piece)
         finally:
@@ -365,24 +513,6 @@ class _StdinFeeder:
             self.agent.close(ctl)
 
 
-def check_argv(argv: list[str], env: Mapping[str, str] | None) -> list[str]:
-    if not argv:
-        raise UsageError("no command given", hint="put it after --, e.g. `ozone exec web -- ls /`")
-    merged = dict(BASE_ENV)
-    for key, value in (env or {}).items():
-        if not _ENV_NAME.match(key):
-            raise UsageError(
-                f"{key!r} is not a valid environment variable name",
-                hint="use letters, digits and _, not starting with a digit (--env NAME=VALUE)",
-            )
-        merged[key] = value
-    assignments = [f"{key}={value}" for key, value in merged.items()]
-    for text in (*argv, *assignments):
-        if "\0" in text:
-            raise UsageError("arguments and environment values cannot contain NUL bytes")
-    return assignments
-
-
 def run(
     agent: Agent,
     argv: list[str],
@@ -392,12 +522,16 @@ def run(
     user: str | None = None,
     stdin: IO[bytes] | bytes | None = None,
     timeout: float | None = None,
+    stage_dir: str | None = None,
     stdout: Sink,
     stderr: Sink,
 ) -> int:
     """Run ``argv`` in the guest, handing its output to ``stdout``/``stderr`` as it arrives.
     Returns its exit status (128+N when a signal N killed it)."""
-    return _Run(agent, argv, env, cwd, user, stdin, timeout, stdout, stderr).run()
+    options = ExecOptions(
+        env=env or {}, cwd=cwd, user=user, stdin=stdin, timeout=timeout, stage_dir=stage_dir
+    )
+    return _Run(agent, argv, options, stdout=stdout, stderr=stderr).run()
 
 
 @contextlib.contextmanager
@@ -406,7 +540,7 @@ def signals_deferred() -> Iterator[None]:
     with _signals_recorded() as caught:
         yield
     if caught:
-        raise KeyboardInterrupt
+        raise Interrupted(caught[-1])
 
 
 @contextlib.contextmanager
@@ -428,103 +562,181 @@ def _signals_recorded() -> Iterator[list[int]]:
 
 
 class _Run:
+    """One program run: spawn the wrapper, poll it, move output and stdin, finish or clean
+    up. The loop's jobs each have their own method."""
+
     def __init__(
-        self,
-        agent: Agent,
-        argv: list[str],
-        env: Mapping[str, str] | None,
-        cwd: str | None,
-        user: str | None,
-        stdin: IO[bytes] | bytes | None,
-        timeout: float | None,
-        stdout: Sink,
-        stderr: Sink,
+        self, agent: Agent, argv: list[str], options: ExecOptions, *, stdout: Sink, stderr: Sink
     ) -> None:
         self.agent = agent
         self.argv = argv
-        self.assignments = check_argv(argv, env)
-        self.cwd = cwd
-        self.user = user
-        self.stdin = stdin
-        self.timeout = timeout
-        self.prefix = f"{GUEST_TMP}/.ozone-exec-{secrets.token_hex(6)}"
+        self.options = options
+        self.assignments = check_argv(argv, options.env)
+        self.stage = check_options(options)
+        self.folder = f"{self.stage}/.ozone-exec-{secrets.token_hex(12)}"
         self.outputs = (
-            _Output(agent, f"{self.prefix}.out", stdout),
-            _Output(agent, f"{self.prefix}.err", stderr),
+            _Output(agent, f"{self.folder}/out", stdout),
+            _Output(agent, f"{self.folder}/err", stderr),
         )
         self.feeder: _StdinFeeder | None = None
         self.marker = False
         self.pid = 0
+        self.exited = False
+        self.deadline: float | None = None
+        self.signals_seen = 0
+        self.too_late = False  # to stream: the wrapper ended as we began
 
     @property
     def command(self) -> str:
         return " ".join(self.argv)
+
+    # --- the outcome -----------------------------------------------------------------------
 
     def run(self) -> int:
         try:
             return self._run()
         except ExecTimeout:
             raise
+        except ConnectionLost:
+            raise self._after_lost_connection() from None
         except OzoneError as err:
-            gone = bool(self.pid) and (isinstance(err, StateError) or self._vm_went_away())
-            if self.pid and not gone:
-                self._abandon()
+            if self.pid and not self.exited:
+                if self._vm_went_away(err):
+                    raise ExecFailed(
+                        f"{self.agent.name} stopped while `{self.command}` was running"
+                    ) from None
+                self._abandon(self.agent)
+            elif self.pid:
+                with contextlib.suppress(OzoneError):
+                    self._cleanup(self.agent, force=True)
             if isinstance(err, UsageError | ExecFailed):
                 raise
-            if gone:
-                raise ExecFailed(
-                    f"{self.agent.name} stopped while `{self.command}` was running"
-                ) from None
             raise ExecFailed(err.message, hint=err.hint) from None
 
-    def _abandon(self) -> None:
+    def _abandon(self, agent: Agent) -> None:
         """After a failure halfway: kill the program and remove its files, as far as the
         agent still lets us."""
         with contextlib.suppress(OzoneError):
-            self._kill("KILL")
+            self._kill("KILL", agent)
         for output in self.outputs:
             with contextlib.suppress(OzoneError):
                 output.close()
         with contextlib.suppress(OzoneError):
-            self._cleanup(force=True)
+            self._cleanup(agent, force=True)
 
-    def _vm_went_away(self, *, within: float = 3.0) -> bool:
-        """After a failed agent call: is the VM stopping? (A destroy in progress first shows
-        as an agent that does not answer.)"""
-        give_up = time.monotonic() + within
+    def _vm_went_away(self, err: OzoneError) -> bool:
+        """After a failed agent call: is the VM stopping? A destroy in progress first shows
+        as an agent that does not answer, so wait (up to 3 s) until either the VM is gone or
+        its agent answers again. ozone's own failures (a bad option, the wrapper's refusal)
+        need no look at all."""
+        if isinstance(err, StateError):
+            return True
+        if isinstance(err, UsageError | ExecFailed | AgentCommandFailed):
+            return False
+        give_up = time.monotonic() + 3.0
         while True:
             try:
-                if not self.agent.dom.isActive():
-                    return True
+                state = self.agent.dom.state()[0]
             except libvirt.libvirtError:
                 return True
-            if time.monotonic() >= give_up:
+            if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
+                return True
+            if self.agent.answers(timeout=1) or time.monotonic() >= give_up:
                 return False
             time.sleep(0.1)
 
+    def _after_lost_connection(self) -> ExecFailed:
+        """libvirt went away under us (a libvirtd restart, say) while the VM may run on:
+        reconnect, and stop the program we can no longer follow; or say it may still run."""
+        uri = self.agent.uri
+        hint = "is libvirtd running? scripts/setup-host starts it"
+        if not self.pid:
+            return ExecFailed(
+                f"lost the connection to libvirt at {uri} before `{self.command}` started",
+                hint=hint,
+            )
+        try:
+            agent = self.agent.reconnect(timeout=RECONNECT_WAIT)
+        except StateError:
+            return ExecFailed(
+                f"lost the connection to libvirt at {uri} while `{self.command}` ran, and "
+                f"{self.agent.name} has stopped since"
+            )
+        if agent is None:
+            return ExecFailed(
+                f"lost the connection to libvirt at {uri} while `{self.command}` ran and "
+                f"could not reconnect within {RECONNECT_WAIT:g} s: the program may still be "
+                f"running in {self.agent.name} (guest pid {self.pid})",
+                hint=hint,
+            )
+        try:
+            # libvirt reconnects to the guest agent in its own time after a restart
+            deadline = time.monotonic() + RECONNECT_WAIT
+            while not agent.answers(timeout=2) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            if not self.exited:
+                self._kill("KILL", agent)
+            with contextlib.suppress(OzoneError):
+                self._cleanup(agent, force=True)
+        except OzoneError as err:
+            return ExecFailed(
+                f"lost the connection to libvirt at {uri} while `{self.command}` ran; after "
+                f"reconnecting, ozone could not stop it ({err.message}): it may still be "
+                f"running in {self.agent.name} (guest pid {self.pid})",
+                hint=hint,
+            )
+        finally:
+            agent.close_connection()
+        return ExecFailed(
+            f"lost the connection to libvirt at {uri} while `{self.command}` ran (did "
+            f"libvirtd restart?); reconnected and stopped the program in {self.agent.name}",
+            hint="its output may be incomplete: run it again",
+        )
+
+    # --- running ---------------------------------------------------------------------------
+
     def _spawn(self) -> int:
-        args = [
-            "-c",
-            'eval "$OZONE_EXEC"',
-            "ozone-exec",
-            self.prefix,
-            str(CAPTURE_LIMIT),
-            self.cwd or "",
-            self.user or "",
-            "--",
-            *self.argv,
-        ]
-        script = wrapper(cwd=bool(self.cwd), user=bool(self.user), stdin=self.stdin is not None)
-        env = [*self.assignments, f"OZONE_EXEC={script}"]
+        opts = self.options
+        args = ["-c", 'eval "$OZONE_EXEC"', "ozone-exec", str(CAPTURE_LIMIT)]
+        args += [opts.cwd or "", opts.user or "", "--"]
+        parts = {"cwd": bool(opts.cwd), "user": bool(opts.user), "stdin": opts.stdin is not None}
+        env = [f"OZONE_P={self.folder}"]
+        script = wrapper(**parts)
+        with contextlib.suppress(RequestTooLarge):
+            return self.agent.spawn(
+                "/bin/sh",
+                [*args, *self.argv],
+                env=[*self.assignments, *env, f"OZONE_EXEC={script}"],
+            )
+        # too big for one agent request: the argv and environment go in a file in the stage
+        prepared = self.agent.script(PREPARE, self.folder)
+        if prepared.exit_code != 0:
+            problem = prepared.stdout.decode(errors="replace").strip()
+            raise ExecFailed(self._stage_problem(problem), hint=_OTHER_STAGE_HINT)
+        lines = ["set -- " + " ".join(_shell_quote(a) for a in self.argv)]
+        lines += [f"export {_shell_quote(a)}" for a in self.assignments]
+        handle = self.agent.open(f"{self.folder}/args", "w")
+        try:
+            self.agent.write(handle, "\n".join(lines).encode(errors="surrogateescape") + b"\n")
+        finally:
+            self.agent.close(handle)
+        script = wrapper(**parts, argfile=True)
+        env += [f"PATH={BASE_ENV['PATH']}", "OZONE_ARGS=1", f"OZONE_EXEC={script}"]
         return self.agent.spawn("/bin/sh", args, env=env)
+
+    def _stage_problem(self, message: str) -> str:
+        return f"cannot stage the program's output in {self.agent.name}:{self.stage}: " + (
+            message.removeprefix("stage: ")
+        )
 
     def _run(self) -> int:
         with _signals_recorded() as signals:
             began = time.monotonic()
-            deadline = began + self.timeout if self.timeout else None
+            if self.options.timeout is not None:
+                self.deadline = began + self.options.timeout
             self.pid = self._spawn()
-            if self.stdin is not None:
-                self.feeder = _StdinFeeder(self.agent, self.prefix, self.stdin)
+            if self.options.stdin is not None:
+                self.feeder = _StdinFeeder(self.agent, self.folder, self.options.stdin)
             # every status poll also costs the guest CPU time (qemu-ga wakes up and answers),
             # which on a one-vCPU TCG guest slows the program down: the first poll comes when
             # a short program has about finished (learnt from the previous runs on this
@@ -534,45 +746,24 @@ class _Run:
             polls = 0
             delay = POLL_MIN
             streaming = False
-            forwarded = 0
             while True:
-                if len(signals) > forwarded:
-                    # Ctrl-C: like at a terminal, the program gets SIGINT; a second one, or
-                    # SIGTERM, kills it and ozone stops
-                    forwarded = len(signals)
-                    if forwarded == 1 and signals[0] == signal.SIGINT:
-                        self._kill("INT")
-                    else:
-                        self._kill("KILL")
-                        self._finish_without_header()
-                        raise KeyboardInterrupt
+                self._act_on_signals(signals)
                 status = self.agent.status(self.pid)
                 polls += 1
                 if status.get("exited"):
+                    self.exited = True
                     break
                 if any(output.closed for output in self.outputs):
-                    self._kill("KILL")  # like a local program that gets SIGPIPE
-                    self._finish_without_header()
+                    self._stop("KILL")  # like a local program that gets SIGPIPE
                     return 128 + signal.SIGPIPE
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    self._kill("KILL")
-                    self._finish_without_header()
-                    raise ExecTimeout(
-                        f"`{self.command}` ran out of time after {self.timeout:g} s "
-                        f"and was killed in {self.agent.name}"
-                    )
-                if not streaming and now - began >= STREAM_AFTER:
+                self._check_deadline()
+                if not streaming and time.monotonic() - began >= STREAM_AFTER:
                     streaming = self._start_streaming()
-                busy = False
-                if streaming:
-                    busy = self.outputs[0].pump() | self.outputs[1].pump()
-                if self.feeder is not None:
-                    busy = self.feeder.step() or busy
+                busy = self._move_data(streaming)
                 delay = POLL_MIN if busy else min(delay * 1.25, POLL_MAX)
                 if not busy:
-                    pause = delay if deadline is None else min(delay, deadline - now)
-                    time.sleep(max(pause, 0.0))
+                    pause = delay if self.deadline is None else self.deadline - time.monotonic()
+                    time.sleep(max(min(pause, delay), 0.0))
             if not streaming and self.feeder is None:  # learn how long a short run takes
                 if polls == 1:  # done at the first look: look earlier next time
                     self.agent.short_run = max(0.002, self.agent.short_run * 0.8)
@@ -581,16 +772,65 @@ class _Run:
                     self.agent.short_run = 0.7 * self.agent.short_run + 0.3 * took
             return self._finish(status)
 
+    def _act_on_signals(self, signals: list[int]) -> None:
+        """Ctrl-C: like at a terminal, the program gets SIGINT; a second one, or SIGTERM,
+        kills it and ozone stops (exit 130 or 143)."""
+        if len(signals) <= self.signals_seen:
+            return
+        self.signals_seen = len(signals)
+        if self.signals_seen == 1 and signals[0] == signal.SIGINT:
+            self._kill("INT", self.agent)
+            return
+        self._stop("KILL")
+        raise Interrupted(signals[-1])
+
+    def _check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self._stop("KILL")
+            raise ExecTimeout(
+                f"`{self.command}` ran out of time after {self.options.timeout:g} s "
+                f"and was killed in {self.agent.name}"
+            )
+
+    def _move_data(self, streaming: bool) -> bool:
+        """One round of output and stdin; True if anything moved."""
+        busy = False
+        if streaming:
+            busy = self.outputs[0].pump() | self.outputs[1].pump()
+        if self.feeder is not None:
+            try:
+                busy = self.feeder.step() or busy
+            except AgentCommandFailed as err:
+                raise ExecFailed(
+                    f"cannot stage stdin in {self.agent.name}:{self.stage}: "
+                    + err.detail.rsplit(": ", 1)[-1],
+                    hint=_STAGE_HINT,
+                ) from None
+        return busy
+
     def _start_streaming(self) -> bool:
+        """Open both output files and drop the marker that tells the wrapper to leave the
+        output to us. False: not yet (the files are not there), or never (the wrapper has
+        ended and taken its folder with it: the output comes in its final status)."""
+        if self.too_late:
+            return False
         out, err = self.outputs
         if out.handle is None and not out.open():
             return False
         if err.handle is None and not err.open():
             return False
-        handle = self.agent.open(f"{self.prefix}.stream", "w")
+        try:
+            handle = self.agent.open(f"{self.folder}/stream", "w")
+        except AgentCommandFailed:
+            self.too_late = True
+            for output in self.outputs:
+                output.close()
+            return False
         self.agent.close(handle)
         self.marker = True
         return True
+
+    # --- the end ---------------------------------------------------------------------------
 
     def _finish(self, status: dict[str, Any]) -> int:
         header, out_data = _parse_header(base64.b64decode(status.get("out-data", "")))
@@ -605,7 +845,9 @@ class _Run:
                 + (f": {err_data.decode(errors='replace').strip()}" if err_data else ""),
             )
         if header.mode == "failed":
-            self._cleanup(force=self.marker)
+            self._cleanup(self.agent, force=self.marker)
+            if header.message.startswith("stage: "):
+                raise ExecFailed(self._stage_problem(header.message), hint=_OTHER_STAGE_HINT)
             raise ExecFailed(f"cannot run `{self.command}` in {self.agent.name}: {header.message}")
         for output, size, captured in zip(
             self.outputs, header.sizes, (out_data, err_data), strict=True
@@ -619,8 +861,22 @@ class _Run:
             else:
                 output.drain(size)
             output.close()
-        self._cleanup(force=header.mode == "kept" or (self.marker and header.mode != "streamed"))
+        self._cleanup(
+            self.agent, force=header.mode == "kept" or (self.marker and header.mode != "streamed")
+        )
+        if header.full is not None:
+            raise ExecFailed(
+                f"the guest folder {self.stage} in {self.agent.name} is full ({header.full} KiB "
+                f"free): the output of `{self.command}` may be incomplete",
+                hint=_STAGE_HINT,
+            )
         return header.exit_code
+
+    def _stop(self, sig: str) -> None:
+        """Kill the program and take what output there is (a timeout, Ctrl-C, a closed
+        pipe)."""
+        self._kill(sig, self.agent)
+        self._finish_without_header()
 
     def _finish_without_header(self) -> None:
         """The wrapper died (killed, timed out): take what output there is, remove the files."""
@@ -629,21 +885,55 @@ class _Run:
                 output.drain(None)
             finally:
                 output.close()
-        self._cleanup(force=True)
+        self._cleanup(self.agent, force=True)
 
-    def _cleanup(self, *, force: bool) -> None:
+    def _cleanup(self, agent: Agent, *, force: bool) -> None:
         if self.feeder is not None:
             self.feeder.close()
             force = True
         if force:
-            self.agent.script(CLEANUP, self.prefix)
+            agent.script(CLEANUP, self.folder)
 
-    def _kill(self, sig: str) -> None:
+    def _kill(self, sig: str, agent: Agent) -> None:
         """Signal the wrapper, the program and everything the program started."""
-        self.agent.script(KILL, sig, str(self.pid))
+        agent.script(KILL, sig, str(self.pid))
         if sig == "KILL":
             give_up = time.monotonic() + KILL_WAIT
-            while not self.agent.status(self.pid).get("exited"):
+            while not agent.status(self.pid).get("exited"):
                 if time.monotonic() >= give_up:
-                    raise ExecFailed(f"`{self.command}` did not die in {self.agent.name}")
+                    raise ExecFailed(f"`{self.command}` did not die in {agent.name}")
                 time.sleep(0.02)
+            self.exited = True
+
+
+_STAGE_HINT = (
+    "free some space there, or stage the output elsewhere: --stage-dir DIR, or "
+    '"stage_dir" in the VM\'s config'
+)
+_OTHER_STAGE_HINT = (
+    "stage it in another guest folder (root's, or sticky like /tmp): --stage-dir DIR, or "
+    '"stage_dir" in the VM\'s config'
+)
+
+
+def run_in(
+    conn: libvirt.virConnect,
+    name: str,
+    argv: list[str],
+    *,
+    sync_clock: bool = False,
+    stage_dir: str | None = None,
+    **options: Any,
+) -> int:
+    """`ozone exec`: run ``argv`` in the VM ``name`` (see :func:`run`), staging its output
+    in ``stage_dir``, else in the folder the VM's config names, else in /var/tmp."""
+    from .connection import domain_metadata, lookup
+
+    dom = lookup(conn, name)
+    if stage_dir is None:
+        meta = domain_metadata(dom, defined=True)
+        stage_dir = meta.stage_dir if meta else None
+    agent = Agent(dom)
+    if sync_clock:
+        agent.set_time()
+    return run(agent, argv, stage_dir=stage_dir, **options)

@@ -26,13 +26,6 @@ def tcp_port_free(host: str, port: int) -> bool:
     return True
 
 
-def parse_tcp(endpoint: str) -> tuple[str, int] | None:
-    if not endpoint.startswith("tcp:"):
-        return None
-    host, _, port = endpoint[4:].rpartition(":")
-    return host.strip("[]"), int(port)
-
-
 def command_json(command: str, arguments: str | None) -> str:
     """Build the QMP request; ``arguments`` is a JSON object given on the command line."""
     request: dict[str, Any] = {"execute": command}

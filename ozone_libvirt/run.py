@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import secrets
 import shutil
 import time
@@ -36,21 +35,31 @@ from lxml import etree
 from . import domain_xml as dx
 from . import execute
 from .agent import Agent
-from .cache import SLOTS, Slot, acquire_slot, clear_cache, file_identity, key_digest, make_dir
+from .cache import (
+    SLOTS,
+    Slot,
+    acquire_slot,
+    clear_cache,
+    file_identity,
+    key_digest,
+    make_dir,
+    prune_entry,
+)
 from .config import Disk, Qmp, VMConfig, check_host_paths
 from .connection import call, host_facts, is_local, translate
 from .errors import OzoneError
-from .storage import create_disk
+from .rundir import RunDir, reap_runs
+from .storage import create_disk, parse_label
 from .vm import is_active, wait_for_agent
 
 Report = Callable[[str], None]
 
 
-def run_root() -> Path:
-    return Path(os.environ.get("OZONE_RUN_DIR", "/var/lib/libvirt/images/ozone-runs"))
-
-
 # --- the key -------------------------------------------------------------------------------
+
+
+# what ozone itself puts in a saved state (2: throwaway VMs are never relabelled)
+CACHE_FORMAT = 2
 
 
 def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -> dict[str, Any]:
@@ -62,6 +71,7 @@ def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -
     if is_local(conn):
         files += [Path("/usr/share/seabios/bios-256k.bin"), Path("/usr/bin/qemu-system-x86_64")]
     return {
+        "format": CACHE_FORMAT,
         "config": generic.hash,
         "qemu": call(conn.getVersion),
         "libvirt": call(conn.getLibVersion),
@@ -74,15 +84,17 @@ def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -
 # --- booting, saving, restoring ------------------------------------------------------------
 
 
-def _overlays(config: VMConfig, folder: Path) -> list[Disk]:
-    """qcow2 overlays in ``folder`` over the config's disks."""
+def _overlays(config: VMConfig, folder: Path, facts: dx.HostFacts) -> list[Disk]:
+    """qcow2 overlays in ``folder`` over the config's disks, owned by QEMU's user (a
+    throwaway VM is never relabelled: see :func:`_transient`)."""
+    owner = parse_label(facts.qemu_label)
     disks = []
     for i, disk in enumerate(config.disks):
         target = folder / f"disk{i}.qcow2"
         if disk.path.exists():
-            create_disk(Disk(path=target, backing=disk.path))
+            create_disk(Disk(path=target, backing=disk.path), owner=owner)
         elif disk.size is not None:  # nothing to protect: a blank disk of that size
-            create_disk(Disk(path=target, size=disk.size))
+            create_disk(Disk(path=target, size=disk.size), owner=owner)
         else:
             raise OzoneError(f"disk {disk.path} does not exist and has no size to create it")
         disks.append(Disk(path=target, format="qcow2", bus=disk.bus))
@@ -95,13 +107,22 @@ def _transient(
     facts: dx.HostFacts,
     name: str,
     disks: list[Disk],
+    run_dir: RunDir,
 ) -> libvirt.virDomain:
+    """Start a transient domain for ``config`` under ``name`` on ``disks``. QEMU runs as its
+    usual user, but libvirt changes no file's owner: libvirt chowns the read-only images of
+    a VM (the config's base disks, its ISO) to QEMU's user at start and never gives them
+    back, and a base image must keep its owner and mode."""
     run_config = dataclasses.replace(
         config, name=name, disks=tuple(disks), qmp=Qmp(kind="off"), serial_log=None
     )
+    uuid = str(uuidlib.uuid4())
     xml = dx.to_string(
-        dx.build_domain(run_config, facts=facts, qmp_endpoint=None, uuid=str(uuidlib.uuid4()))
+        dx.build_domain(
+            run_config, facts=facts, qmp_endpoint=None, uuid=uuid, run_as=facts.qemu_label
+        )
     )
+    run_dir.expect(name, uuid)
     return call(conn.createXML, xml, 0, name=name)
 
 
@@ -127,14 +148,15 @@ def fill(
     facts: dx.HostFacts,
     *,
     boot_timeout: float,
+    run_dir: RunDir,
 ) -> None:
     """Boot the config under the slot's name, wait for its agent, save its state."""
     shutil.rmtree(slot.dir / "disks", ignore_errors=True)
-    for stale in (slot.state, slot.meta):
+    for stale in (slot.state, slot.meta, slot.dir / "state.save.part"):
         stale.unlink(missing_ok=True)
     disks_dir = make_dir(slot.dir / "disks")
-    disks = _overlays(config, disks_dir)
-    dom = _transient(conn, config, facts, slot.domain_name, disks)
+    disks = _overlays(config, disks_dir, facts)
+    dom = _transient(conn, config, facts, slot.domain_name, disks, run_dir)
     try:
         wait_for_agent(dom, timeout=boot_timeout, interval=0.05)
         partial = slot.dir / "state.save.part"
@@ -152,23 +174,28 @@ def fill(
     slot.meta.write_text(json.dumps(meta, indent=2))
 
 
-def restore(conn: libvirt.virConnect, slot: Slot, run_dir: Path) -> libvirt.virDomain:
+def restore(
+    conn: libvirt.virConnect, slot: Slot, run_dir: RunDir, facts: dx.HostFacts
+) -> libvirt.virDomain:
     """Start the slot's saved state on fresh overlays over the slot's disks."""
     meta = json.loads(slot.meta.read_text())
     slot_disks = [Path(p) for p in meta["disks"]]
     mapping = {}
+    owner = parse_label(facts.qemu_label)
     for i, base in enumerate(slot_disks):
-        target = run_dir / f"disk{i}.qcow2"
-        create_disk(Disk(path=target, backing=base))
+        target = run_dir.path / f"disk{i}.qcow2"
+        create_disk(Disk(path=target, backing=base), owner=owner)
         mapping[str(base)] = str(target)
     xml = call(conn.saveImageGetXMLDesc, str(slot.state), libvirt.VIR_DOMAIN_XML_SECURE)
     root = etree.fromstring(xml.encode())
     for source in root.iterfind("devices/disk/source"):
-        if source.get("file") in mapping:
-            source.set("file", mapping[source.get("file")])
+        file = source.get("file")
+        if file is not None and file in mapping:
+            source.set("file", mapping[file])
     dxml = etree.tostring(root, encoding="unicode")
-    call(conn.restoreFlags, str(slot.state), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
     name = root.findtext("name") or slot.domain_name
+    run_dir.expect(name, root.findtext("uuid") or "")
+    call(conn.restoreFlags, str(slot.state), dxml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
     return call(conn.lookupByName, name, name=name)
 
 
@@ -194,18 +221,20 @@ def run(
     run ``argv`` in it as :func:`execute.run` does, remove the VM and its overlays (also on
     errors, timeouts and Ctrl-C). Returns the program's exit status."""
     execute.check_argv(argv, exec_options.get("env"))
+    execute.check_options(execute.ExecOptions(timeout=exec_options.get("timeout")))
     facts = host_facts(conn)
     dx.check_machine(config, facts)
     check_host_paths(dataclasses.replace(config, disks=()))
     report = options.report
+    for leftover in reap_runs(conn):
+        report(f"removed {leftover}, left by a run that died")
     slot = None
     parts: dict[str, Any] = {}
     dom: libvirt.virDomain | None = None
-    run_dir = run_root() / f"{config.name[:40]}-{secrets.token_hex(4)}"
     began = time.monotonic()
+    run_dir: RunDir | None = None
     try:
-        make_dir(run_root())
-        make_dir(run_dir)
+        run_dir = RunDir.create(config)
         if options.use_cache:
             parts = cache_key(conn, config, facts)
             slot = acquire_slot(conn, config, parts)
@@ -214,25 +243,39 @@ def run(
         if slot is not None:
             if not slot.valid():
                 report(f"boot cache miss for {config.name}: booting and saving its state")
-                fill(conn, slot, config, facts, boot_timeout=options.boot_timeout)
+                try:
+                    fill(
+                        conn,
+                        slot,
+                        config,
+                        facts,
+                        boot_timeout=options.boot_timeout,
+                        run_dir=run_dir,
+                    )
+                except BaseException:
+                    slot.release()
+                    prune_entry(slot.entry)  # an entry with no state is no entry
+                    slot = None
+                    raise
                 clear_cache(conn, config=str(config.source), except_key=key_digest(parts))
             else:
                 report(f"boot cache hit for {config.name}")
             try:
-                dom = restore(conn, slot, run_dir)
+                dom = restore(conn, slot, run_dir, facts)
             except OzoneError as err:
                 # e.g. a host change the key does not cover: drop the state, boot this time
                 report(f"cannot restore the boot cache ({err.message}): booting")
                 slot.meta.unlink(missing_ok=True)
                 slot.release()
                 slot = None
-                for overlay in run_dir.iterdir():
+                for overlay in run_dir.overlays():
                     overlay.unlink()
             else:
                 _set_clock(dom, timeout=30)
         if dom is None:
             name = f"{config.name[:40]}-run-{secrets.token_hex(3)}"
-            dom = _transient(conn, config, facts, name, _overlays(config, run_dir))
+            disks = _overlays(config, run_dir.path, facts)
+            dom = _transient(conn, config, facts, name, disks, run_dir)
             wait_for_agent(dom, timeout=options.boot_timeout, interval=0.05)
         report(f"{dom.name()} ready in {time.monotonic() - began:.2f} s")
         return execute.run(Agent(dom), argv, **exec_options)
@@ -240,15 +283,17 @@ def run(
         raise OzoneError(f"{err.filename or 'ozone run'}: {err.strerror}") from None
     finally:
         with execute.signals_deferred():  # a second Ctrl-C must not stop the clean-up
-            if options.keep and dom is not None:
-                report(f"kept {dom.name()} running (its disks are in {run_dir})")
-            else:
-                _discard(dom, run_dir)
+            if run_dir is not None:
+                if options.keep and dom is not None:
+                    run_dir.keep()
+                    report(f"kept {dom.name()} running (its disks are in {run_dir.path})")
+                else:
+                    _discard(dom, run_dir)
             if slot is not None:
                 slot.release()
 
 
-def _discard(dom: libvirt.virDomain | None, run_dir: Path) -> None:
+def _discard(dom: libvirt.virDomain | None, run_dir: RunDir) -> None:
     if dom is not None:
         name = dom.name()
         try:
@@ -260,4 +305,5 @@ def _discard(dom: libvirt.virDomain | None, run_dir: Path) -> None:
             for log in (f"{name}-serial.log", f"{name}.log"):
                 with contextlib.suppress(OSError):
                     (Path("/var/log/libvirt/qemu") / log).unlink()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    shutil.rmtree(run_dir.path, ignore_errors=True)
+    run_dir.unlock()

@@ -6,6 +6,7 @@ Every function takes an open ``virConnect`` and returns plain data; nothing here
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,7 +17,7 @@ import libvirt
 
 from . import domain_xml as dx
 from .agent import Agent
-from .connection import call, host_facts, is_local, lookup, translate
+from .connection import call, domain_metadata, host_facts, is_local, lookup, translate
 from .errors import (
     ConfigError,
     ConflictError,
@@ -25,8 +26,18 @@ from .errors import (
     StateError,
     TimeoutExpired,
 )
-from .qmp import parse_tcp, tcp_port_free
-from .storage import create_disk, remove_files
+from .metadata import OzoneMetadata, QmpEndpoint
+from .qmp import tcp_port_free
+from .state import ensure_qmp_folder, host_lock
+from .storage import (
+    backing_chain,
+    create_disk,
+    image_format,
+    parse_label,
+    remove_files,
+    unreadable_by,
+    why_not_deletable,
+)
 
 if TYPE_CHECKING:
     from .config import VMConfig
@@ -69,6 +80,7 @@ class DefineResult:
     qmp: str | None
     disks_created: list[str] = field(default_factory=list)
     restart_needed: bool = False  # the domain runs: changes apply at its next start
+    notes: list[str] = field(default_factory=list)  # things the user should know
 
 
 @dataclass
@@ -91,14 +103,7 @@ def find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
         raise translate(err, name=name) from None
 
 
-def metadata(dom: libvirt.virDomain) -> dx.OzoneMetadata | None:
-    try:
-        text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, dx.OZONE_NS, 0)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_METADATA, libvirt.VIR_ERR_NO_DOMAIN):
-            return None
-        raise translate(err, name=dom.name()) from None
-    return dx.parse_metadata(text)
+metadata = domain_metadata
 
 
 def state_name(dom: libvirt.virDomain, state: int | None = None) -> str:
@@ -139,46 +144,94 @@ def wait_for(condition: Callable[[], bool], *, timeout: float, interval: float =
 # --- define ----------------------------------------------------------------------------
 
 
-def _used_qmp_endpoints(conn: libvirt.virConnect, *, except_name: str) -> dict[str, str]:
-    """QMP endpoint → VM name, over every domain carrying ozone metadata."""
-    used = {}
+@dataclass(frozen=True)
+class Neighbours:
+    """What the other domains on a host hold: their QMP endpoints and their files."""
+
+    qmp: dict[str, str]  # endpoint → VM name
+    files: dict[Path, list[str]]  # file → its uses, e.g. "web (disk)", "ci (backing image)"
+
+
+def neighbours(
+    conn: libvirt.virConnect, *, except_name: str | None = None, local: bool = True
+) -> Neighbours:
+    """One look at every domain libvirt knows, running or not (one XML each): QMP endpoints
+    from ozone's metadata, disk images with their backing chains (from the live XML of
+    running domains and, on this host, from the images' own headers)."""
+    qmp: dict[str, str] = {}
+    files: dict[Path, list[str]] = {}
     for dom in call(conn.listAllDomains, 0):
-        if dom.name() == except_name:
+        name = dom.name()
+        if name == except_name:
             continue
-        meta = metadata(dom)
+        try:
+            xml = dom.XMLDesc(0)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue  # went away while we looked
+            raise translate(err, name=name) from None
+        meta = dx.parse_metadata(xml)
         if meta and meta.qmp:
-            used[meta.qmp] = dom.name()
-    return used
+            qmp[meta.qmp] = name
+        seen: set[Path] = set()
+        for use in dx.files_of(xml):
+            uses = [(use.role, use.path)]
+            if local and use.role == "disk":
+                uses += [("backing image", p) for p in backing_chain(use.path)]
+            for role, path in uses:
+                if path not in seen:
+                    seen.add(path)
+                    files.setdefault(path, []).append(f"{name} ({role})")
+    return Neighbours(qmp, files)
 
 
-def resolve_qmp(
-    conn: libvirt.virConnect, config: VMConfig, *, previous: str | None, local: bool
-) -> str | None:
-    """The concrete QMP endpoint for ``config``: explicit ones are checked for clashes with
-    other domains, ``auto`` keeps the VM's previous port or finds a free loopback port."""
-    qmp = config.qmp
-    if qmp.kind == "off":
-        return None
-    used = _used_qmp_endpoints(conn, except_name=config.name)
-    if qmp.kind != "auto":
-        owner = used.get(qmp.endpoint)
-        if owner:
-            raise ConfigError(
-                f"{qmp.endpoint} is already the QMP endpoint of VM {owner!r}",
-                file=str(config.source) if config.source else None,
-                field="qmp",
-                hint='every VM needs its own endpoint; "auto" picks a free port',
-            )
-        return qmp.endpoint
-    if previous and previous.startswith("tcp:127.0.0.1:") and previous not in used:
-        return previous
+def _free_qmp_port(name: str, used: dict[str, str], *, local: bool, avoid: int = 0) -> QmpEndpoint:
+    """A loopback port for ``qmp: tcp``: no other VM's, and (on this host) nobody listens."""
     for attempt in range(dx.QMP_PORT_COUNT):
-        port = dx.preferred_qmp_port(config.name, attempt)
-        endpoint = f"tcp:127.0.0.1:{port}"
-        if endpoint in used or (local and not tcp_port_free("127.0.0.1", port)):
+        port = dx.preferred_qmp_port(name, attempt)
+        endpoint = QmpEndpoint("tcp", host="127.0.0.1", port=port, auto=True)
+        if port == avoid or str(endpoint) in used:
+            continue
+        if local and not tcp_port_free("127.0.0.1", port):
             continue
         return endpoint
     raise ConflictError("no free loopback port left for QMP")  # pragma: no cover
+
+
+def resolve_qmp(
+    config: VMConfig,
+    facts: dx.HostFacts,
+    used: dict[str, str],
+    *,
+    previous: QmpEndpoint | None,
+    local: bool,
+) -> QmpEndpoint | None:
+    """The concrete QMP endpoint for ``config``, given the endpoints other VMs ``used``.
+    Explicit ones must not clash; ``tcp`` keeps the VM's previous port or finds a free
+    loopback port. Runs under the host's "define" lock, so two defines never pick one port."""
+    planned = dx.planned_qmp(config, facts)
+    if planned is None:
+        return None
+    if not planned.auto:
+        owner = used.get(str(planned))
+        if owner:
+            raise ConfigError(
+                f"{planned} is already the QMP endpoint of VM {owner!r}",
+                file=str(config.source) if config.source else None,
+                field="qmp",
+                hint='every VM needs its own endpoint; "auto" gives each a private socket',
+            )
+        return planned
+    if previous and previous.auto and str(previous) not in used:
+        return previous
+    return _free_qmp_port(config.name, used, local=local)
+
+
+def _qmp_folder_ready(facts: dx.HostFacts) -> bool:
+    """Make the private folder of `qmp: auto` sockets (mode 0700, QEMU's user)."""
+    return facts.qmp_dir is not None and ensure_qmp_folder(
+        facts.qmp_dir, parse_label(facts.qemu_label)
+    )
 
 
 def _check_network(conn: libvirt.virConnect, config: VMConfig) -> None:
@@ -187,7 +240,9 @@ def _check_network(conn: libvirt.virConnect, config: VMConfig) -> None:
         return
     try:
         conn.networkLookupByName(net.source)
-    except libvirt.libvirtError:
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
+            raise translate(err) from None
         names = sorted(call(conn.listNetworks) + call(conn.listDefinedNetworks))
         raise ConfigError(
             f"libvirt has no network named {net.source!r}",
@@ -195,6 +250,61 @@ def _check_network(conn: libvirt.virConnect, config: VMConfig) -> None:
             field="network.source",
             hint=("networks here: " + ", ".join(names)) if names else "`virsh net-list --all`",
         ) from None
+
+
+def _check_disks_unshared(config: VMConfig, files: dict[Path, list[str]]) -> None:
+    """A writable disk that another VM also uses (as its disk, or as a backing image it
+    reads), or a backing image that another VM writes, would be corrupted: refuse, naming
+    the other VM."""
+    file = str(config.source) if config.source else None
+    for i, disk in enumerate(config.disks):
+        others = files.get(disk.path)
+        if others:
+            raise ConfigError(
+                f"{disk.path} is already used by VM " + ", ".join(others),
+                file=file,
+                field=f"disks[{i}].path",
+                hint="two VMs writing one image corrupt it: give this VM its own disk, "
+                'or an overlay over a shared base ("backing")',
+            )
+        writers = [u for u in files.get(disk.backing or Path(), []) if u.endswith("(disk)")]
+        if writers:
+            raise ConfigError(
+                f"{disk.backing} is the disk of VM " + ", ".join(writers),
+                file=file,
+                field=f"disks[{i}].backing",
+                hint="a backing image must not change under its overlays: copy it, or stop "
+                "using it as that VM's disk",
+            )
+
+
+def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
+    """Check that QEMU can read the read-only files libvirt is told not to relabel (the
+    cdrom, the backing images) and return each backing image's format."""
+    owner = parse_label(facts.qemu_label)
+    file = str(config.source) if config.source else None
+    formats = {}
+    inputs = [("cdrom", config.cdrom)] + [
+        (f"disks[{i}].backing", d.backing) for i, d in enumerate(config.disks)
+    ]
+    for where, path in inputs:
+        if path is None:
+            continue
+        chain = [path]
+        if where != "cdrom":
+            formats[path] = image_format(path)
+            chain += backing_chain(path)
+        for image in chain if owner is not None else []:
+            reason = unreadable_by(image, owner)
+            if reason:
+                raise ConfigError(
+                    f"QEMU cannot read {image}: {reason}",
+                    file=file,
+                    field=where,
+                    hint="ozone never changes the owner of a shared read-only image: make it "
+                    f"readable (chmod o+r {image}) or move it to /var/lib/libvirt/images",
+                )
+    return formats
 
 
 def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
@@ -209,24 +319,56 @@ def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
     dx.domain_type(config, facts)  # refuses kvm where there is none, before any change
     dx.check_machine(config, facts)
     local = is_local(conn)
+    formats: dict[Path, str] = {}
     if local:
         check_host_paths(config)
+        formats = _readable_inputs(config, facts)
     _check_network(conn, config)
-    existing = find(conn, config.name)
-    previous_qmp = None
-    uuid = None
-    if existing is not None:
-        meta = metadata(existing)
-        if meta is None:
-            raise ConflictError(
-                f"a domain named {config.name!r} exists and was not made by ozone",
-                hint="pick another name, or `virsh undefine` that domain if it is unwanted",
-            )
-        previous_qmp = meta.qmp
-        uuid = existing.UUIDString()
-    qmp = resolve_qmp(conn, config, previous=previous_qmp, local=local)
-    xml = dx.to_string(dx.build_domain(config, facts=facts, qmp_endpoint=qmp, uuid=uuid))
+    notes = []
+    if config.qmp.kind == "auto" and not (local and _qmp_folder_ready(facts)):
+        facts = dataclasses.replace(facts, qmp_dir=None)
+        notes.append(
+            "no private QMP socket on this host (ozone makes one when it runs as root on "
+            "the VM's host); `ozone qmp` reaches QMP through libvirt"
+        )
+    with host_lock("define"):
+        existing = find(conn, config.name)
+        previous_qmp = None
+        uuid = None
+        if existing is not None:
+            meta = metadata(existing)
+            if meta is None:
+                raise ConflictError(
+                    f"a domain named {config.name!r} exists and was not made by ozone",
+                    hint="pick another name, or `virsh undefine` that domain if it is unwanted",
+                )
+            previous_qmp = meta.qmp_endpoint
+            uuid = existing.UUIDString()
+        around = neighbours(conn, except_name=config.name, local=local)
+        _check_disks_unshared(config, around.files)
+        qmp = resolve_qmp(config, facts, around.qmp, previous=previous_qmp, local=local)
+        root = dx.build_domain(
+            config, facts=facts, qmp_endpoint=qmp, uuid=uuid, backing_formats=formats
+        )
+        dom, created = _define_with_disks(conn, config, dx.to_string(root), local=local)
+    if qmp is not None and qmp.kind == "tcp":
+        notes.append(f"QMP on {qmp} is open to every local user: `qmp: auto` is private")
+    return DefineResult(
+        name=config.name,
+        uuid=dom.UUIDString(),
+        created=existing is None,
+        qmp=str(qmp) if qmp else None,
+        disks_created=[str(p) for p in created],
+        restart_needed=existing is not None and is_active(existing),
+        notes=notes,
+    )
 
+
+def _define_with_disks(
+    conn: libvirt.virConnect, config: VMConfig, xml: str, *, local: bool
+) -> tuple[libvirt.virDomain, list[Path]]:
+    """Create the missing disks, then the domain; if libvirt refuses it, remove the disks
+    again (a failed define leaves nothing behind)."""
     created: list[Path] = []
     try:
         for i, disk in enumerate(config.disks):
@@ -254,28 +396,46 @@ def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
     except BaseException:
         remove_files(created)
         raise
-    return DefineResult(
-        name=config.name,
-        uuid=dom.UUIDString(),
-        created=existing is None,
-        qmp=qmp,
-        disks_created=[str(p) for p in created],
-        restart_needed=existing is not None and is_active(existing),
-    )
+    return dom, created
 
 
 # --- start / stop ----------------------------------------------------------------------
 
 
-def _check_qmp_free(dom: libvirt.virDomain) -> None:
+def _prepare_qmp(conn: libvirt.virConnect, dom: libvirt.virDomain, *, restoring: bool) -> None:
+    """Before QEMU starts on this host: its private socket folder must exist, and a TCP port
+    must be free (one ozone chose moves to a free port; one the config names is a conflict)."""
     meta = metadata(dom)
-    tcp = parse_tcp(meta.qmp) if meta and meta.qmp else None
-    if tcp and not tcp_port_free(*tcp):
-        raise ConflictError(
-            f"QMP port {tcp[0]}:{tcp[1]} of {dom.name()!r} is already in use by another program",
-            hint='stop that program, or give the VM another endpoint ("qmp": "auto") and '
-            "`ozone define` it again",
-        )
+    endpoint = meta.qmp_endpoint if meta else None
+    if endpoint is None:
+        return
+    if endpoint.kind == "unix":
+        folder = Path(endpoint.path or "/").parent
+        facts = None if folder.is_dir() else host_facts(conn)
+        if facts is not None and facts.qmp_dir == folder:
+            _qmp_folder_ready(facts)
+        return
+    if tcp_port_free(endpoint.host or "127.0.0.1", endpoint.port or 0):
+        return
+    if endpoint.auto and not restoring:
+        _move_qmp_port(conn, dom, endpoint)
+        return
+    raise ConflictError(
+        f"QMP port {endpoint.host}:{endpoint.port} of {dom.name()!r} is already in use by "
+        "another program",
+        hint='stop that program, or give the VM another endpoint ("qmp": "auto") and '
+        "`ozone define` it again",
+    )
+
+
+def _move_qmp_port(conn: libvirt.virConnect, dom: libvirt.virDomain, old: QmpEndpoint) -> None:
+    """Another program took the port ozone chose: redefine the VM on a free one."""
+    with host_lock("define"):
+        used = neighbours(conn, except_name=dom.name(), local=True).qmp
+        endpoint = _free_qmp_port(dom.name(), used, local=True, avoid=old.port or 0)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        xml = dx.with_qmp_endpoint(call(dom.XMLDesc, flags, name=dom.name()), endpoint)
+        call(conn.defineXML, xml, name=dom.name())
 
 
 def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
@@ -288,13 +448,27 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
             return {"name": name, "state": "running", "action": "resumed", **sync_clock(dom)}
         return {"name": name, "state": state, "action": "none"}
     restored = _has_managed_save(dom)
-    if is_local(conn):
-        _check_qmp_free(dom)
-    call(dom.create, name=name)
+    local = is_local(conn)
+    for attempt in range(3):
+        if local:
+            _prepare_qmp(conn, dom, restoring=restored)
+        try:
+            dom.create()
+            break
+        except libvirt.libvirtError as err:
+            # the port was free a moment ago: another program took it in between
+            taken = "Address already in use" in (err.get_error_message() or "")
+            if not (taken and local and attempt < 2 and _qmp_port_is_auto(dom)):
+                raise translate(err, name=name) from None
     result = {"name": name, "state": state_name(dom), "action": "booted"}
     if restored:
         result.update(action="restored", **sync_clock(dom))
     return result
+
+
+def _qmp_port_is_auto(dom: libvirt.virDomain) -> bool:
+    meta = metadata(dom)
+    return bool(meta and meta.qmp_endpoint and meta.qmp_endpoint.auto)
 
 
 def sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> dict[str, Any]:
@@ -391,34 +565,56 @@ def destroy(conn: libvirt.virConnect, name: str) -> bool:
 def undefine(
     conn: libvirt.virConnect, name: str, *, remove_storage: bool = False, force: bool = False
 ) -> list[str]:
-    """Remove the domain definition; with ``remove_storage`` also its writable disk images
-    (never cdroms/ISOs or backing images). Returns the files removed."""
+    """Remove the domain definition; with ``remove_storage`` also its writable disk images.
+    Before deleting anything it checks every image: a regular file, not an ISO, used by no
+    other VM (as its disk or anywhere in a backing chain). If one fails, nothing changes.
+    Returns the files removed."""
     dom = lookup(conn, name)
-    if is_active(dom):
-        if not force:
-            raise StateError(
-                f"{name} is running", hint=f"`ozone stop {name}` first, or pass --force"
+    active = is_active(dom)
+    if active and not force:
+        raise StateError(f"{name} is running", hint=f"`ozone stop {name}` first, or pass --force")
+    images: list[Path] = []
+    if remove_storage:
+        xml = call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, name=name)
+        images = [use.path for use in dx.files_of(xml) if use.role == "disk"]
+        if images and not is_local(conn):
+            raise OzoneError(
+                "--remove-storage works only on the VM's own host; nothing was changed",
+                hint=f"`ozone undefine {name}` keeps the disks",
             )
+        _check_deletable(conn, name, images)
+    if active:
         call(dom.destroy, name=name)
-    images = [Path(p) for p in dx.disk_images_of(call(dom.XMLDesc, 0, name=name))]
     flags = (
         libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
         | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
         | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
     )
     call(dom.undefineFlags, flags, name=name)
-    if remove_storage and images:
-        if not is_local(conn):
-            raise OzoneError("--remove-storage works only on a local host; the disks remain")
-        return [str(p) for p in remove_files(images)]
-    return []
+    return [str(p) for p in remove_files(images)]
+
+
+def _check_deletable(conn: libvirt.virConnect, name: str, images: list[Path]) -> None:
+    users = neighbours(conn, except_name=name).files
+    problems = []
+    for image in images:
+        reason = why_not_deletable(image)
+        if reason is None and users.get(image):
+            reason = "VM " + ", ".join(users[image]) + " uses it"
+        if reason:
+            problems.append(f"{image} ({reason})")
+    if problems:
+        raise ConflictError(
+            "not deleting " + "; ".join(problems) + ": nothing was changed",
+            hint=f"`ozone undefine {name}` without --remove-storage keeps the disks",
+        )
 
 
 # --- list / status ---------------------------------------------------------------------
 
 
 def info(
-    dom: libvirt.virDomain, meta: dx.OzoneMetadata | None = None, *, with_meta: bool = True
+    dom: libvirt.virDomain, meta: OzoneMetadata | None = None, *, with_meta: bool = True
 ) -> VMInfo:
     name = dom.name()
     if with_meta and meta is None:
@@ -460,7 +656,7 @@ def list_vms(conn: libvirt.virConnect, *, all_domains: bool = False) -> list[VMI
         d.name() for d in call(conn.listAllDomains, libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
     }
 
-    def meta_of(dom: libvirt.virDomain) -> dx.OzoneMetadata | None:
+    def meta_of(dom: libvirt.virDomain) -> OzoneMetadata | None:
         try:
             return metadata(dom)
         except NotFoundError:
@@ -499,7 +695,19 @@ def status(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
     data["disks"] = dx.disk_images_of(xml)
     data["agent_channel"] = dx.has_agent_channel(xml)
     data["autostart"] = bool(call(dom.autostart, name=name))
+    data["warnings"] = qmp_warnings(data["qmp"])
     return data
+
+
+def qmp_warnings(endpoint: str | None) -> list[str]:
+    """QMP has no authentication: say so when an endpoint is open to other users."""
+    parsed = QmpEndpoint.parse(endpoint) if endpoint else None
+    if parsed is None or parsed.kind != "tcp":
+        return []
+    return [
+        f"QMP on {parsed} has no authentication and every local user can reach it: "
+        '"qmp": "auto" gives the VM a private socket instead'
+    ]
 
 
 def dumpxml(conn: libvirt.virConnect, name: str, *, inactive: bool = False) -> str:

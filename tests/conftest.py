@@ -215,3 +215,68 @@ def wait_ready_line(name: str, timeout: float = 90) -> None:
         timeout=timeout,
         what=f"{READY_LINE} on the serial console of {name}",
     )
+
+
+# --- guests and programs in them -------------------------------------------------------------
+
+
+def ozone_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ozone_libvirt", *args]
+
+
+def boot(name: str, workdir: Path, **overrides: object) -> None:
+    config = {"name": name, "memory": "512MiB", "cdrom": str(GUEST_DIR / "ozone-guest.iso")}
+    config.update(overrides)
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(config))
+    proc = run_ozone("define", str(path))
+    assert proc.returncode == 0, proc.stderr
+    proc = run_ozone("start", name, "--wait", "--timeout", "120")
+    assert proc.returncode == 0, proc.stderr
+
+
+@contextlib.contextmanager
+def running_guest(suffix: str, **overrides: object) -> Iterator[str]:
+    """A tiny guest booted for a module's tests, removed afterwards (also on failure)."""
+    WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    workdir = WORK_ROOT / f"{suffix}-{uuid.uuid4().hex[:8]}"
+    workdir.mkdir(mode=0o755)
+    name = f"{PREFIX}{suffix}"
+    try:
+        boot(name, workdir, **overrides)
+        yield name
+    finally:
+        remove_domain(name)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def oz_exec(
+    guest: str, *command: str, options: tuple[str, ...] = (), **kw: Any
+) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        ozone_cmd("exec", *options, guest, "--", *command),
+        capture_output=True,
+        env=ozone_env(),
+        timeout=kw.pop("timeout", 120),
+        check=False,
+        **kw,
+    )
+
+
+def guest_sh(guest: str, script: str, *, user: str | None = None) -> str:
+    proc = oz_exec(guest, "sh", "-c", script, options=("-u", user) if user else ())
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.decode()
+
+
+# the staging folder of the exec that looks (its stdout is a file in it)
+_OWN_STAGE = "o=$(readlink /proc/$$/fd/1); o=${o%/*}; o=${o##*/}"
+
+
+def leftovers(guest: str, folders: str = "/var/tmp /tmp") -> list[str]:
+    """ozone's folders in the guest's staging places (but that of the exec that looks)."""
+    script = (
+        f"{_OWN_STAGE}; for d in {folders}; do ls -a $d; done | "
+        "grep '^[.]ozone-' | grep -vx \"$o\" | sort -u || true"
+    )
+    return guest_sh(guest, script).split()

@@ -11,18 +11,20 @@ from ozone_libvirt import domain_xml as dx
 from ozone_libvirt.config import parse_config
 from ozone_libvirt.errors import ConfigError
 
-FACTS = dx.HostFacts(kvm=False, log_dir=Path("/logs"))
+FACTS = dx.HostFacts(kvm=False, log_dir=Path("/logs"), qmp_dir=Path("/var/lib/ozone/qmp"))
+TCP_4444 = dx.QmpEndpoint("tcp", host="127.0.0.1", port=4444)
 
 
 def build(
     data: dict,
     *,
     facts: dx.HostFacts = FACTS,
-    qmp: str | None = "tcp:127.0.0.1:4444",
+    qmp: dx.QmpEndpoint | None = TCP_4444,
     uuid: str | None = None,
+    **kwargs,
 ) -> etree._Element:
     cfg = parse_config({"name": "w", **data}, source=Path("/vms/w.json"))
-    return dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp, uuid=uuid)
+    return dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp, uuid=uuid, **kwargs)
 
 
 def test_memory_vcpus_machine_and_type():
@@ -89,12 +91,71 @@ def test_kernel_boot_has_no_boot_devices():
 
 
 def test_qmp_passthrough_and_metadata():
-    root = build({"cdrom": "x.iso"}, qmp="tcp:127.0.0.1:4444")
+    root = build({"cdrom": "x.iso", "stage_dir": "/srv/stage"}, qmp=TCP_4444)
     args = [a.get("value") for a in root.iter(f"{{{dx.QEMU_NS}}}arg")]
     assert args == ["-qmp", "tcp:127.0.0.1:4444,server=on,wait=off"]
     meta = dx.parse_metadata(etree.tostring(root))
-    assert meta == dx.OzoneMetadata(source="/vms/w.json", hash=meta.hash, qmp="tcp:127.0.0.1:4444")
+    assert meta == dx.OzoneMetadata(
+        source="/vms/w.json", hash=meta.hash, qmp_endpoint=TCP_4444, stage_dir="/srv/stage"
+    )
+    assert meta.qmp == "tcp:127.0.0.1:4444"
     assert meta.hash.startswith("sha256:")
+
+
+@pytest.mark.parametrize(
+    ("qmp", "planned"),
+    [
+        ("auto", "unix:/var/lib/ozone/qmp/w.sock"),
+        ("off", None),
+        ("unix:/run/x.sock", "unix:/run/x.sock"),
+        ("tcp:127.0.0.1:4444", "tcp:127.0.0.1:4444"),
+        ("tcp", f"tcp:127.0.0.1:{dx.preferred_qmp_port('w')}"),
+    ],
+)
+def test_planned_qmp_endpoints(qmp, planned):
+    cfg = parse_config({"name": "w", "cdrom": "x.iso", "qmp": qmp}, source=Path("/vms/w.json"))
+    endpoint = dx.planned_qmp(cfg, FACTS)
+    assert (str(endpoint) if endpoint else None) == planned
+    assert (endpoint is not None and endpoint.auto) == (qmp == "tcp")
+
+
+def test_auto_qmp_without_a_private_folder_is_off():
+    cfg = parse_config({"name": "w", "cdrom": "x.iso"}, source=Path("/vms/w.json"))
+    assert dx.planned_qmp(cfg, dx.HostFacts()) is None
+
+
+def test_moving_a_chosen_port_rewrites_argument_and_metadata():
+    auto = dx.QmpEndpoint("tcp", host="127.0.0.1", port=24001, auto=True)
+    moved = dx.QmpEndpoint("tcp", host="127.0.0.1", port=24002, auto=True)
+    text = dx.with_qmp_endpoint(dx.to_string(build({"cdrom": "x.iso"}, qmp=auto)), moved)
+    root = etree.fromstring(text.encode())
+    args = [a.get("value") for a in root.iter(f"{{{dx.QEMU_NS}}}arg")]
+    assert args == ["-qmp", "tcp:127.0.0.1:24002,server=on,wait=off"]
+    assert dx.parse_metadata(text).qmp_endpoint == moved
+
+
+def test_read_only_images_keep_their_owner():
+    """libvirt chowns read-only images to QEMU's user and never gives them back: the cdrom
+    and named backing images say relabel='no'; a throwaway VM relabels nothing."""
+    root = build(
+        {"cdrom": "x.iso", "disks": [{"path": "o.qcow2", "backing": "base.img"}]},
+        backing_formats={Path("/vms/base.img"): "raw"},
+    )
+    cdrom, disk = root.find("devices/disk[@device='cdrom']"), root.find("devices/disk")
+    assert cdrom.find("source/seclabel").attrib == {"model": "dac", "relabel": "no"}
+    store = disk.find("backingStore")
+    assert store.find("format").get("type") == "raw"
+    assert store.find("source").get("file") == "/vms/base.img"
+    assert store.find("source/seclabel").get("relabel") == "no"
+    assert root.find("seclabel") is None
+    run = build({"cdrom": "x.iso"}, run_as="+64055:+64055")
+    assert run.find("devices/disk/source/seclabel") is None  # libvirt refuses both at once
+    label = run.find("seclabel")
+    assert (label.get("type"), label.get("relabel"), label.findtext("label")) == (
+        "static",
+        "no",
+        "+64055:+64055",
+    )
 
 
 def test_qmp_off_has_no_commandline():
@@ -142,6 +203,17 @@ def test_uuid_is_kept():
 def test_disk_images_of_skips_cdroms_and_readonly():
     text = dx.to_string(build({"cdrom": "x.iso", "disks": [{"path": "a.qcow2", "size": "1G"}]}))
     assert dx.disk_images_of(text) == ["/vms/a.qcow2"]
+
+
+def test_files_of_names_every_file_and_how_it_is_used():
+    data = {"cdrom": "x.iso", "kernel": "k", "disks": [{"path": "o.qcow2", "backing": "b.img"}]}
+    text = dx.to_string(build(data, backing_formats={Path("/vms/b.img"): "qcow2"}))
+    assert [(u.role, str(u.path)) for u in dx.files_of(text)] == [
+        ("kernel", "/vms/k"),
+        ("disk", "/vms/o.qcow2"),
+        ("backing image", "/vms/b.img"),
+        ("cdrom", "/vms/x.iso"),
+    ]
 
 
 def test_preferred_qmp_port_is_stable_and_in_range():

@@ -9,9 +9,7 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,11 +17,13 @@ import pytest
 
 from .conftest import (
     GUEST_DIR,
-    PREFIX,
-    WORK_ROOT,
+    guest_sh,
+    leftovers,
+    oz_exec,
+    ozone_cmd,
     ozone_env,
-    remove_domain,
     run_ozone,
+    running_guest,
     virsh,
     wait_until,
 )
@@ -33,61 +33,11 @@ pytestmark = [pytest.mark.libvirtd, pytest.mark.guest]
 MiB = 1 << 20
 
 
-def ozone_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ozone_libvirt", *args]
-
-
-def boot(name: str, workdir: Path, **overrides: object) -> None:
-    config = {"name": name, "memory": "512MiB", "cdrom": str(GUEST_DIR / "ozone-guest.iso")}
-    config.update(overrides)
-    path = workdir / f"{name}.json"
-    path.write_text(json.dumps(config))
-    proc = run_ozone("define", str(path))
-    assert proc.returncode == 0, proc.stderr
-    proc = run_ozone("start", name, "--wait", "--timeout", "120")
-    assert proc.returncode == 0, proc.stderr
-
-
 @pytest.fixture(scope="module")
 def guest(libvirtd: str, guest_image: Path) -> Iterator[str]:
     """One running guest shared by this module's tests (booting costs seconds under TCG)."""
-    WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    workdir = WORK_ROOT / f"exec-{uuid.uuid4().hex[:8]}"
-    workdir.mkdir(mode=0o755)
-    name = f"{PREFIX}exec"
-    try:
-        boot(name, workdir)
+    with running_guest("exec") as name:
         yield name
-    finally:
-        remove_domain(name)
-        subprocess.run(["rm", "-rf", str(workdir)], check=False)
-
-
-def oz_exec(guest: str, *command: str, options: tuple[str, ...] = (), **kw: object):
-    return subprocess.run(
-        ozone_cmd("exec", *options, guest, "--", *command),
-        capture_output=True,
-        env=ozone_env(),
-        timeout=kw.pop("timeout", 120),
-        check=False,
-        **kw,
-    )
-
-
-def guest_sh(guest: str, script: str) -> str:
-    proc = oz_exec(guest, "sh", "-c", script)
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout.decode()
-
-
-def leftovers(guest: str) -> list[str]:
-    """ozone's files in the guest's /tmp, but those of the exec that looks (its wrapper, our
-    parent, has the prefix as 5th argument)."""
-    script = (
-        "p=$(tr '\\0' '\\n' </proc/$PPID/cmdline | sed -n 5p); "
-        "ls -a /tmp | grep '^[.]ozone-exec-' | grep -v \"^${p##*/}[.]\" || true"
-    )
-    return guest_sh(guest, script).split()
 
 
 # --- exit status ---------------------------------------------------------------------------

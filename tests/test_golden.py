@@ -17,15 +17,21 @@ from .conftest import REPO
 
 EXAMPLES = sorted(p for p in (REPO / "examples").iterdir() if p.suffix in (".json", ".yaml"))
 GOLDEN_ROOT = Path("/srv/ozone")
-GOLDEN_FACTS = dx.HostFacts(kvm=True, log_dir=Path("/var/log/libvirt/qemu"))
+GOLDEN_FACTS = dx.HostFacts(
+    kvm=True, log_dir=Path("/var/log/libvirt/qemu"), qmp_dir=Path("/var/lib/ozone/qmp")
+)
 
 
 def render(example: Path) -> str:
     cfg = parse_config(read_config_data(example), source=GOLDEN_ROOT / "examples" / example.name)
-    qmp = {"auto": f"tcp:127.0.0.1:{dx.preferred_qmp_port(cfg.name)}", "off": None}.get(
-        cfg.qmp.kind, cfg.qmp.endpoint
+    formats = {d.backing: "qcow2" for d in cfg.disks if d.backing}  # as define finds them
+    root = dx.build_domain(
+        cfg,
+        facts=GOLDEN_FACTS,
+        qmp_endpoint=dx.planned_qmp(cfg, GOLDEN_FACTS),
+        backing_formats=formats,
     )
-    return dx.to_string(dx.build_domain(cfg, facts=GOLDEN_FACTS, qmp_endpoint=qmp))
+    return dx.to_string(root)
 
 
 def golden_path(example: Path) -> Path:
@@ -40,8 +46,9 @@ def test_there_are_examples():
 def test_golden_xml(example, request):
     actual = render(example)
     golden = golden_path(example)
-    if request.config.getoption("--regenerate-output") or not golden.exists():
+    if request.config.getoption("--regenerate-output"):
         golden.write_text(actual)
+    assert golden.exists(), f"{golden} is missing: run `make xml` and review it"
     assert golden.read_text() == actual, f"{golden} is stale: run `make xml` and review the diff"
 
 

@@ -1,6 +1,6 @@
 """The exec wrapper and its host-side parsing, without a guest: the wrapper is run by the
 shells guests have (busybox ash in the test guest, dash and bash on Debian guests) right here,
-so that what only busybox would forgive is caught."""
+so that what only busybox would forgive is caught. Runs as root, like qemu-ga."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ozone_libvirt.errors import UsageError
 from ozone_libvirt.transfer import parse_location
 
 SHELLS = {"busybox": ["busybox", "sh"], "dash": ["dash"], "bash": ["bash"]}
+FOLDER = ".ozone-exec-test"
 
 
 @pytest.fixture(params=sorted(SHELLS))
@@ -27,31 +28,38 @@ def shell(request: pytest.FixtureRequest) -> list[str]:
     return [path, *argv[1:]]
 
 
+@pytest.fixture
+def stage(tmp_path: Path) -> Path:
+    """A stage folder like /var/tmp: root's, sticky, writable by all."""
+    folder = tmp_path / "stage"
+    folder.mkdir()
+    folder.chmod(0o1777)
+    return folder
+
+
 def run_wrapper(
     shell: list[str],
-    tmp_path: Path,
+    stage: Path,
     argv: list[str],
     *,
     cwd: str = "",
+    user: str = "",
     limit: int = 1000,
     env: dict[str, str] | None = None,
+    argfile: bool = False,
 ) -> tuple[subprocess.CompletedProcess[bytes], execute._Header | None, bytes]:
-    prefix = str(tmp_path / ".ozone-exec-test")
-    script = execute.wrapper(cwd=bool(cwd), user=False, stdin=False)
-    environment = {**execute.BASE_ENV, **(env or {}), "OZONE_EXEC": script}
+    script = execute.wrapper(cwd=bool(cwd), user=bool(user), stdin=False, argfile=argfile)
+    environment = {
+        **execute.BASE_ENV,
+        **(env or {}),
+        "OZONE_EXEC": script,
+        "OZONE_P": str(stage / FOLDER),
+    }
+    if argfile:
+        environment["OZONE_ARGS"] = "1"
+    args = [*shell, "-c", 'eval "$OZONE_EXEC"', "ozone-exec", str(limit), cwd, user, "--"]
     proc = subprocess.run(
-        [
-            *shell,
-            "-c",
-            'eval "$OZONE_EXEC"',
-            "ozone-exec",
-            prefix,
-            str(limit),
-            cwd,
-            "",
-            "--",
-            *argv,
-        ],
+        [*args, *([] if argfile else argv)],
         capture_output=True,
         env=environment,
         timeout=30,
@@ -61,67 +69,130 @@ def run_wrapper(
     return proc, header, rest
 
 
-def test_captured_output_and_status(shell, tmp_path):
+def test_captured_output_and_status(shell, stage):
     proc, header, out = run_wrapper(
-        shell, tmp_path, ["sh", "-c", "printf 'a\\0b'; echo err >&2; exit 3"]
+        shell, stage, ["sh", "-c", "printf 'a\\0b'; echo err >&2; exit 3"]
     )
     assert header is not None
     assert (header.exit_code, header.sizes, header.mode) == (3, (3, 4), "captured")
+    assert header.full is None
     assert out == b"a\x00b"
     assert proc.stderr == b"err\n"
-    assert list(tmp_path.iterdir()) == [], "the wrapper left files behind"
+    assert list(stage.iterdir()) == [], "the wrapper left files behind"
 
 
-def test_big_output_is_kept_for_the_host(shell, tmp_path):
-    _, header, out = run_wrapper(shell, tmp_path, ["head", "-c", "5000", "/dev/zero"], limit=100)
+def test_the_stage_is_a_private_folder_and_the_program_gets_umask_022(shell, stage):
+    script = f"ls -ld {stage}/{FOLDER} {stage}/{FOLDER}/out; umask"
+    _, header, out = run_wrapper(shell, stage, ["sh", "-c", script])
+    assert header is not None and header.exit_code == 0, out
+    folder, output, umask = out.decode().splitlines()
+    assert folder.startswith("drwx------") and " root " in folder
+    assert output.startswith("-rw-------")
+    assert umask.strip() in ("0022", "022")
+
+
+def test_big_output_is_kept_for_the_host(shell, stage):
+    _, header, out = run_wrapper(shell, stage, ["head", "-c", "5000", "/dev/zero"], limit=100)
     assert header is not None and header.mode == "kept" and header.sizes == (5000, 0)
     assert out == b""
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".ozone-exec-test.err",
-        ".ozone-exec-test.out",
-    ]
+    assert {p.name for p in (stage / FOLDER).iterdir()} >= {"out", "err"}
 
 
-def test_streamed_when_the_host_asked(shell, tmp_path):
-    (tmp_path / ".ozone-exec-test.stream").touch()
-    # the marker exists before the wrapper starts: noclobber must not trip over it
-    _, header, out = run_wrapper(shell, tmp_path, ["echo", "hi"])
+def test_streamed_when_the_host_asked(shell, stage):
+    # the host drops the marker while the program runs; here the program does it
+    marker = stage / FOLDER / "stream"
+    _, header, out = run_wrapper(
+        shell, stage, ["sh", "-c", f": >{marker}; echo hi"], env={"X": "1"}
+    )
     assert header is not None and header.mode == "streamed" and header.sizes == (3, 0)
     assert out == b""
-    assert list(tmp_path.iterdir()) == []
+    assert list(stage.iterdir()) == []
 
 
-def test_missing_program_and_bad_cwd(shell, tmp_path):
-    proc, header, _ = run_wrapper(shell, tmp_path, ["no-such-program-x"])
+def test_missing_program_and_bad_cwd(shell, stage):
+    proc, header, _ = run_wrapper(shell, stage, ["no-such-program-x"])
     assert header is not None and header.exit_code == 127
     assert proc.stderr == b"no-such-program-x: command not found\n"
-    _, header, _ = run_wrapper(shell, tmp_path, ["true"], cwd="/no/such/dir")
+    _, header, _ = run_wrapper(shell, stage, ["true"], cwd="/no/such/dir")
     assert header is not None and header.mode == "failed"
     assert header.message == "cannot change to directory /no/such/dir"
-    assert list(tmp_path.iterdir()) == []
+    assert list(stage.iterdir()) == []
 
 
-def test_the_programs_path_is_its_own(shell, tmp_path):
+def test_the_programs_path_is_its_own(shell, stage):
     _, header, out = run_wrapper(
-        shell, tmp_path, ["/bin/sh", "-c", 'echo "$PATH"'], env={"PATH": "/nowhere"}
+        shell, stage, ["/bin/sh", "-c", 'echo "$PATH"'], env={"PATH": "/nowhere"}
     )
     assert header is not None and header.exit_code == 0
     assert out == b"/nowhere\n"
 
 
-def test_existing_output_file_is_never_followed(shell, tmp_path):
-    target = tmp_path / "victim"
-    target.write_text("precious")
-    os.symlink(target, tmp_path / ".ozone-exec-test.out")
-    _, header, _ = run_wrapper(shell, tmp_path, ["echo", "overwrite?"])
+def test_a_planted_folder_or_link_is_never_used(shell, stage, tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    os.symlink(victim, stage / FOLDER)
+    _, header, _ = run_wrapper(shell, stage, ["echo", "overwrite?"])
     assert header is not None and header.mode == "failed"
-    assert target.read_text() == "precious"
+    assert header.message.startswith("stage: ")
+    assert list(victim.iterdir()) == []
+    assert (stage / FOLDER).is_symlink(), "the wrapper removed what it did not make"
+
+
+def test_a_stage_others_can_write_is_refused_unless_sticky(shell, stage):
+    stage.chmod(0o777)
+    _, header, _ = run_wrapper(shell, stage, ["true"])
+    assert header is not None and header.mode == "failed"
+    assert header.message == f"stage: others can write in {stage}"
+    stage.chmod(0o755)
+    _, header, _ = run_wrapper(shell, stage, ["true"])
+    assert header is not None and header.exit_code == 0
+    missing = stage / "nowhere"
+    _, header, _ = run_wrapper(shell, missing, ["true"])
+    assert header is not None and header.message == f"stage: the guest has no folder {missing}"
+
+
+def test_a_full_stage_is_reported_not_passed_off_as_success(shell, tmp_path):
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        mount.chmod(0o1777)
+        subprocess.run(["dd", "if=/dev/zero", f"of={mount}/fill", "bs=4k", "count=64"], check=False)
+        _, header, out = run_wrapper(shell, mount, ["echo", "hello"])
+        assert header is not None
+        assert header.full == "0", header
+        assert out == b""
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_arguments_from_a_file(shell, stage):
+    folder = stage / FOLDER
+    folder.mkdir(mode=0o700)
+    argv = ["printf", "%s|", "it's", 'a "b"', "$HOME", "x" * 70000]
+    lines = ["set -- " + " ".join(execute._shell_quote(a) for a in argv)]
+    lines.append("export " + execute._shell_quote("GREETING=hello 'you'"))
+    (folder / "args").write_text("\n".join(lines) + "\n")
+    _, header, out = run_wrapper(shell, stage, [], argfile=True, limit=1 << 20)
+    assert header is not None and header.exit_code == 0, out
+    assert out == "|".join(argv[2:]).encode() + b"|"
+    assert list(stage.iterdir()) == []
+
+
+def test_another_users_program_can_reopen_its_output(shell, stage):
+    script = 'id -un; echo to-stdout >>/dev/stdout; echo to-stderr >>/dev/stderr; echo "$HOME"'
+    proc, header, out = run_wrapper(shell, stage, ["sh", "-c", script], user="nobody")
+    assert header is not None and header.exit_code == 0, (header, proc.stderr)
+    assert out.decode().splitlines() == ["nobody", "to-stdout", "/nonexistent"]
+    assert proc.stderr == b"to-stderr\n"
+    assert list(stage.iterdir()) == []
 
 
 @pytest.mark.parametrize(
     ("data", "parsed"),
     [
-        (b"OZONE-EXEC 0 1 2 captured\nx", ((0, (1, 2), "captured", ""), b"x")),
+        (b"OZONE-EXEC 0 1 2 captured \nx", ((0, (1, 2), "captured", ""), b"x")),
+        (b"OZONE-EXEC 0 1 2 captured full 12\n", ((0, (1, 2), "captured", "full 12"), b"")),
         (b"OZONE-EXEC 125 0 0 failed no user bob\n", ((125, (0, 0), "failed", "no user bob"), b"")),
         (b"garbage\n", (None, b"garbage\n")),
         (b"OZONE-EXEC 1 2", (None, b"OZONE-EXEC 1 2")),
@@ -135,9 +206,30 @@ def test_parse_header(data, parsed):
 
 def test_check_argv():
     assert "A=1" in execute.check_argv(["true"], {"A": "1"})
-    for argv, env in ((["true"], {"1X": "y"}), ([], None), (["a\0b"], None)):
+    for argv, env in (
+        (["true"], {"1X": "y"}),
+        (["true"], {"X\n": "y"}),
+        ([], None),
+        (["a\0b"], None),
+        (["x" * (128 << 10)], None),
+        (["x" * 100000] * 11, None),
+    ):
         with pytest.raises(UsageError):
             execute.check_argv(argv, env)
+    assert execute.check_argv(["x" * 100000] * 3, None)  # big, but goes through a file
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf")])
+def test_timeouts_must_be_positive(timeout):
+    with pytest.raises(UsageError):
+        execute.check_options(execute.ExecOptions(timeout=timeout))
+
+
+@pytest.mark.parametrize("stage", ["tmp", "/", "/a b", "/a/../b", "/a\n", "/a//b", "/tmp/$(x)"])
+def test_stage_folders_must_be_plain_paths(stage):
+    with pytest.raises(UsageError):
+        execute.check_options(execute.ExecOptions(stage_dir=stage))
+    assert execute.check_options(execute.ExecOptions(stage_dir="/srv/stage/")) == "/srv/stage"
 
 
 @pytest.mark.parametrize(

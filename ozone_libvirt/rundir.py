@@ -1,0 +1,125 @@
+"""The folders of `ozone run`: a run's disk overlays and who owns them, and the reaping of
+runs whose process died (by every `ozone run`, `ozone cache clear` and `ozone gc`).
+
+Light on purpose (no config, no lxml): `cache clear` imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+
+from .cache import make_dir
+
+if TYPE_CHECKING:
+    from .config import VMConfig
+
+
+def run_root() -> Path:
+    return Path(os.environ.get("OZONE_RUN_DIR", "/var/lib/libvirt/images/ozone-runs"))
+
+
+@dataclass
+class RunDir:
+    """A run's folder in :func:`run_root`: its disk overlays, ``owner.json`` (the domains the
+    run makes, written *before* each is created) and ``lock``, which the run holds (flock)
+    for as long as it lives. A folder whose lock nobody holds belongs to a run that died:
+    :func:`reap_runs` removes its domains and the folder. A run kept with --keep marks its
+    folder ``kept``: the folder stays until its VM is gone."""
+
+    path: Path
+    owner: dict[str, Any] = field(default_factory=dict)
+    lock_fd: int | None = None
+
+    @classmethod
+    def create(cls, config: VMConfig) -> RunDir:
+        make_dir(run_root())
+        path = make_dir(run_root() / f"{config.name[:40]}-{secrets.token_hex(4)}")
+        fd = os.open(path / "lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        owner = {"pid": os.getpid(), "config": str(config.source), "domains": [], "kept": False}
+        run_dir = cls(path, owner, fd)
+        run_dir.save()
+        return run_dir
+
+    def save(self) -> None:
+        partial = self.path / "owner.json.part"
+        partial.write_text(json.dumps(self.owner))
+        partial.rename(self.path / "owner.json")
+
+    def expect(self, name: str, uuid: str) -> None:
+        """Record a domain before it is created (so a run killed at any moment is found)."""
+        self.owner["domains"].append({"name": name, "uuid": uuid})
+        self.save()
+
+    def keep(self) -> None:
+        self.owner["kept"] = True
+        self.save()
+        self.unlock()
+
+    def unlock(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def overlays(self) -> list[Path]:
+        return sorted(self.path.glob("disk*.qcow2"))
+
+
+def reap_runs(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str]:
+    """Find runs whose process is gone (nobody holds their lock) and remove what they left:
+    their transient VMs and their folders. Kept runs stay while their VM runs. Cheap: one
+    flock attempt per run folder. Returns what was (or, with ``dry_run``, would be) removed."""
+    root = run_root()
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        lock = path / "lock"
+        if not path.is_dir() or path.is_symlink() or not lock.is_file():
+            continue
+        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # its run is alive
+            try:
+                owner = json.loads((path / "owner.json").read_text())
+            except (OSError, ValueError):
+                owner = {"domains": []}
+            domains = [d for d in owner.get("domains", []) if _run_domain(conn, d) is not None]
+            if owner.get("kept") and domains:
+                continue  # the user's to stop; the folder holds its disks
+            for entry in domains:
+                removed.append(f"VM {entry['name']}")
+                dom = _run_domain(conn, entry)
+                if dom is not None and not dry_run:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.destroy()
+            removed.append(str(path))
+            if not dry_run:
+                shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+    return removed
+
+
+def _run_domain(conn: libvirt.virConnect, entry: dict[str, str]) -> libvirt.virDomain | None:
+    """The transient domain a run recorded, if it still exists (same UUID and name)."""
+    try:
+        dom = conn.lookupByUUIDString(entry["uuid"])
+    except (libvirt.libvirtError, KeyError):
+        return None
+    if dom.name() != entry.get("name") or dom.isPersistent():
+        return None  # not what the run made: never touch it
+    return dom
