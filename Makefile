@@ -31,6 +31,7 @@ demo: guest
 
 test: setup-test
 	@scripts/build-guest-iso
+	@scripts/build-debian-image
 	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
 	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)

@@ -111,18 +111,32 @@ if [ ! -k "$s" ]; then
   case $m in ?????w* | ????????w*) fail "stage: others can write in $s" ;; esac
 fi
 """
+# the folder records the guest's boot in a file's name (made in one step, unlike a file's
+# content): a crash can bring back a folder removed just before it (the file system's journal
+# had not yet recorded the removal), and each run removes the folders of other boots, and
+# those with no boot at all (brought back half-removed) once they are a minute old (_SWEEP)
 _MKDIR = """mkdir -- "$p" 2>/dev/null || fail "stage: $(mkdir -- "$p" 2>&1)"
 k=1
+read -r b </proc/sys/kernel/random/boot_id && : >"$p/boot-$b"
 """
 _ARGS = """s=${p%/*}
 [ -d "$p" ] && [ ! -h "$p" ] && [ -O "$p" ] || fail "stage: $p is not ozone's"
 k=1
+read -r b </proc/sys/kernel/random/boot_id
 . "$p/args"
 """
 # appending: a program that reopens /dev/stdout with > truncates the file (as it would
 # locally); its later writes then land at the new end, not at a stale offset after a hole
 _FILES = """command exec 3>>"$p/out" 4>>"$p/err" 6>&2 2>/dev/null ||
   fail "stage: cannot create files in $s"
+"""
+_SWEEP = """stale() {
+  [ "$1" != "$d/boot-$b" ] && { [ -e "$1" ] || [ -n "$(find "$d" -maxdepth 0 -mmin +1)" ]; }
+}
+for d in "$s"/.ozone-exec-*; do
+  [ "$d" != "$p" ] && [ -d "$d" ] && [ ! -h "$d" ] && [ -O "$d" ] && stale "$d"/boot-* &&
+    rm -rf -- "$d"
+done
 """
 _CWD = """cd -- "$c" || fail "cannot change to directory $c"
 """
@@ -209,6 +223,7 @@ def wrapper(*, cwd: bool, user: bool, stdin: bool, argfile: bool = False) -> str
             _HEAD,
             _ARGS if argfile else _STAGE + _MKDIR,
             _FILES,
+            _SWEEP,
             _CWD if cwd else "",
             _FIFOS if stdin else "",
             _USER.replace(" FIFO", ' "$p/in"' if stdin else "") if user else "",

@@ -268,15 +268,15 @@ def copy_from_guest(
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as err:
         raise OzoneError(f"cannot write {target}: {err.strerror}") from None
-    fcntl.flock(fd, fcntl.LOCK_EX)  # held until the copy ends: the file is not debris
-    lease = Lease.take("cp-host", path=str(temporary))
-    try:
-        handle = agent.open(source, "r")
-    except AgentCommandFailed as err:
-        _discard_host_part(temporary, fd, lease)
-        raise OzoneError(f"cannot read {where}: {_guest_error(err)}") from None
+    lease: Lease | None = None
     received = 0
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until the copy ends: the file is not debris
+        lease = Lease.take("cp-host", path=str(temporary))
+        try:
+            handle = agent.open(source, "r")
+        except AgentCommandFailed as err:
+            raise OzoneError(f"cannot read {where}: {_guest_error(err)}") from None
         with os.fdopen(fd, "wb", closefd=False) as out:
             try:
                 while True:
@@ -294,19 +294,19 @@ def copy_from_guest(
             raise OzoneError(f"{where} changed while it was copied ({size} -> {received} bytes)")
         os.fchmod(fd, mode)
         os.replace(temporary, target)
-    except OSError as err:
+    except BaseException as err:
         _discard_host_part(temporary, fd, lease)
-        raise OzoneError(f"cannot write {target}: {err.strerror}") from None
-    except BaseException:
-        _discard_host_part(temporary, fd, lease)
+        if isinstance(err, OSError):
+            raise OzoneError(f"cannot write {target}: {err.strerror}") from None
         raise
     os.close(fd)
     lease.release()
     return CopyResult(where, str(target), received)
 
 
-def _discard_host_part(path: Path, fd: int, lease: Lease) -> None:
+def _discard_host_part(path: Path, fd: int, lease: Lease | None) -> None:
     path.unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         os.close(fd)
-    lease.release()
+    if lease is not None:
+        lease.release()

@@ -65,8 +65,10 @@ def debian(libvirtd: str) -> Iterator[str]:
         assert proc.returncode == 0, proc.stderr
         # the agent answers before boot has finished: wait for systemd to settle
         wait_until(
-            lambda: oz_exec(name, "systemctl", "is-system-running").stdout.strip()
-            in (b"running", b"degraded"),
+            lambda: (
+                oz_exec(name, "systemctl", "is-system-running").stdout.strip()
+                in (b"running", b"degraded")
+            ),
             timeout=180,
             what="systemd to finish booting",
         )
@@ -103,7 +105,9 @@ def test_user_programs_keep_their_own_options_util_linux(debian):
 
 
 def test_output_is_staged_in_var_tmp_on_disk(debian):
-    where = guest_sh(debian, 'readlink /proc/$$/fd/1; findmnt -no FSTYPE -T "$(readlink /proc/$$/fd/1)"')
+    where = guest_sh(
+        debian, 'readlink /proc/$$/fd/1; findmnt -no FSTYPE -T "$(readlink /proc/$$/fd/1)"'
+    )
     path, fstype = where.split()
     assert path.startswith("/var/tmp/.ozone-exec-") and path.endswith("/out")
     assert fstype == "ext4"
@@ -112,7 +116,8 @@ def test_output_is_staged_in_var_tmp_on_disk(debian):
 def test_other_users_cannot_reach_a_users_staged_io(debian):
     script = r"""
 d=$(readlink /proc/$$/fd/1); d=${d%/*}
-stat -c '%U %a' "$d" "$d/out" /proc/$$/fd/0
+stat -c '%U %a' "$d"
+stat -L -c '%U %a' /proc/$$/fd/1 /proc/$$/fd/0
 """
     proc = oz_exec(debian, "bash", "-c", script, options=("-i", "-u", "builder"), input=b"x")
     assert proc.returncode == 0, proc.stderr
@@ -218,9 +223,14 @@ def test_a_copy_cut_by_a_guest_crash_is_removed_by_the_next_copy(debian, tmp_pat
     finally:
         child.kill()
     assert run_ozone("start", debian, "--wait", "--timeout", "300", timeout=360).returncode == 0
-    assert len(leftovers(debian, "/var/tmp")) == 1  # on disk: it survived the crash
+    left = leftovers(debian, "/var/tmp")
+    assert len([f for f in left if f.startswith(".ozone-cp-")]) == 1  # on disk: it survived
     small = tmp_path / "small"
     small.write_text("hello\n")
     assert run_ozone("cp", str(small), f"{debian}:/var/tmp/").returncode == 0
-    assert leftovers(debian, "/var/tmp") == []
     assert guest_sh(debian, "cat /var/tmp/small; rm /var/tmp/small") == "hello\n"
+    # the journal may also have brought back stage folders of execs that ended just before
+    # the crash, some half-removed: a run removes those of other boots at once, empty ones
+    # once they are a minute old (here, made to look it)
+    guest_sh(debian, "touch -d '2 minutes ago' /var/tmp/.ozone-exec-* 2>/dev/null; true")
+    assert leftovers(debian, "/var/tmp") == []

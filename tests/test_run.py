@@ -229,7 +229,7 @@ def test_stdin_through_run_and_sigterm_cleans_up(config, env):
     try:
         assert child.stdout.readline() == b"started\n"
         child.terminate()
-        assert child.wait(timeout=60) == 130, child.stderr.read()
+        assert child.wait(timeout=60) == 143, child.stderr.read()  # 128 + SIGTERM
     finally:
         stop(child)
     assert leftovers(name, env) == []

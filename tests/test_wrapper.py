@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -164,6 +165,23 @@ def test_a_full_stage_is_reported_not_passed_off_as_success(shell, tmp_path):
         assert out == b""
     finally:
         subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_folders_a_crash_brought_back_are_removed(shell, stage):
+    """After a guest crash the journal can bring back a stage folder removed just before:
+    the next run removes folders of other boots (and leaves those of this boot alone)."""
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    folders = {"old": "0000-earlier-boot", "live": boot, "starting": None, "emptied": None}
+    for name, recorded in folders.items():
+        folder = stage / f".ozone-exec-{name}"
+        folder.mkdir(mode=0o700)
+        if recorded is not None:
+            (folder / f"boot-{recorded}").touch()
+    a_while_ago = time.time() - 120
+    os.utime(stage / ".ozone-exec-emptied", (a_while_ago, a_while_ago))
+    _, header, _ = run_wrapper(shell, stage, ["true"])
+    assert header is not None and header.exit_code == 0
+    assert sorted(p.name for p in stage.iterdir()) == [".ozone-exec-live", ".ozone-exec-starting"]
 
 
 def test_arguments_from_a_file(shell, stage):
