@@ -15,7 +15,7 @@ OZONE_ACCEL ?= tcg
 export OZONE_ACCEL
 export LIBVIRT_DEFAULT_URI ?= qemu:///system
 
-.PHONY: setup setup-test guest demo test unit lint xml clean-demo bench
+.PHONY: setup setup-test guest demo test unit lint xml clean-demo bench chaos
 
 setup:
 	@scripts/setup-host
@@ -29,11 +29,14 @@ guest: setup
 demo: guest
 	@scripts/demo
 
+PY_SOURCES := ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run scripts/chaos
+
 test: setup-test
 	@scripts/build-guest-iso
 	@scripts/build-debian-image
-	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
-	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
+	@$(VENV)/bin/ruff check $(PY_SOURCES)
+	@$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	@$(PY) -m mypy
 	@$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 # quick tests only: no guest boots
@@ -41,8 +44,9 @@ unit: setup
 	@$(PY) -m pytest -ra -m "not guest" $(PYTEST_ARGS)
 
 lint: setup
-	@$(VENV)/bin/ruff check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
-	@$(VENV)/bin/ruff format --check ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run
+	@$(VENV)/bin/ruff check $(PY_SOURCES)
+	@$(VENV)/bin/ruff format --check $(PY_SOURCES)
+	@$(PY) -m mypy
 
 # regenerate the golden domain XML in xml/ from examples/ (then review the diff)
 xml: setup
@@ -56,3 +60,7 @@ bench: guest
 	@$(PY) scripts/bench-lifecycle.py
 	@$(PY) scripts/bench-exec
 	@$(PY) scripts/bench-run
+
+# fault scenarios (kills QEMU, restarts libvirtd): a table of what each left behind
+chaos: guest
+	@$(PY) scripts/chaos

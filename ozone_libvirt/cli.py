@@ -146,7 +146,7 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
 def _ask_for_name() -> str:
     if not sys.stdin.isatty():
         raise UsageError("which VM? give a NAME", hint="ozone start NAME")
-    answer = typer.prompt("What VM would you like to start?").strip()
+    answer = str(typer.prompt("What VM would you like to start?")).strip()
     if not answer:
         raise UsageError("no VM name given")
     return answer
@@ -397,11 +397,10 @@ def qmp(
 ) -> None:
     """Send a QMP command through libvirt's monitor passthrough and print the reply."""
     from . import qmp as q
-    from . import vm
+    from .connection import lookup
 
     with connection() as conn:
-        dom = vm.lookup(conn, name)
-        reply = q.monitor_command(dom, command, arguments)
+        reply = q.monitor_command(lookup(conn, name), command, arguments)
     output.emit_json(reply)
 
 
@@ -412,9 +411,10 @@ def console(name: NameArg) -> None:
     import shutil
 
     from . import vm
+    from .connection import lookup
 
     with connection() as conn:
-        dom = vm.lookup(conn, name)
+        dom = lookup(conn, name)
         if not vm.is_active(dom):
             raise OzoneError(f"{name} is not running", hint=f"`ozone start {name}`")
         uri = conn.getURI()

@@ -223,7 +223,7 @@ def host_facts(conn: libvirt.virConnect) -> HostFacts:
     from .domain_xml import HostFacts
 
     caps = etree.fromstring(call(conn.getCapabilities).encode())
-    arch = caps.xpath("guest[arch/@name='x86_64']/arch")
+    arch = caps.findall("guest/arch[@name='x86_64']")
     kvm = any(a.find("domain[@type='kvm']") is not None for a in arch)
     machines = frozenset(
         name
@@ -238,7 +238,9 @@ def host_facts(conn: libvirt.virConnect) -> HostFacts:
     # the user libvirt runs QEMU as, for each domain type (none in a session: ourselves)
     labels = {
         label.get("type"): label.text
-        for label in caps.xpath("host/secmodel[model='dac']/baselabel")
+        for model in caps.iterfind("host/secmodel")
+        if model.findtext("model") == "dac"
+        for label in model.iterfind("baselabel")
         if label.text
     }
     override = accel_override()

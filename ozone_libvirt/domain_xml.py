@@ -206,7 +206,7 @@ def _kept_owner(wanted: bool) -> list[etree._Element]:
 def _devices(
     config: VMConfig, facts: HostFacts, backing_formats: Mapping[Path, str], *, keep_owners: bool
 ) -> etree._Element:
-    devices = E.devices()
+    devices: etree._Element = E.devices()
     targets, cdrom_target = _disk_targets(config)
     for disk, target in zip(config.disks, targets, strict=True):
         element = E.disk(

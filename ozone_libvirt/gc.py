@@ -23,7 +23,7 @@ import libvirt
 
 from .agent import Agent
 from .cache import prune_cache
-from .connection import domain_metadata, open_connection
+from .connection import domain_metadata, open_connection, translate
 from .errors import OzoneError
 from .rundir import reap_runs
 from .state import qmp_folder, stale_leases
@@ -32,7 +32,7 @@ from .transfer import GUEST_PART, HOST_PART
 # remove a copy's folder in a guest, if it is one (root's, a real folder, ozone's name)
 _DISCARD_GUEST_PART = r"""
 case ${1##*/} in .ozone-cp-*) ;; *) exit 2 ;; esac
-[ -e "$1" ] || exit 0
+[ -e "$1" ] || exit 3
 [ -d "$1" ] && [ ! -h "$1" ] && [ -O "$1" ] && exec rm -rf -- "$1"
 exit 2
 """
@@ -109,13 +109,14 @@ def _discard_in_guest(
     except libvirt.libvirtError as err:
         if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             return "gone"
-        raise
+        raise translate(err) from None
     agent = Agent(dom)
     if not dom.isActive() or not agent.answers(timeout=2):
         return "kept"
-    if not dry_run and agent.script(_DISCARD_GUEST_PART, path).exit_code != 0:
-        return "kept"
-    return "removed"
+    if dry_run:
+        return "removed"
+    code = agent.script(_DISCARD_GUEST_PART, path).exit_code
+    return {0: "removed", 3: "gone"}.get(code, "kept")
 
 
 def _qmp_sockets(conn: libvirt.virConnect, result: GcResult) -> None:

@@ -34,12 +34,9 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
 
     root = ElementTree.fromstring(xml)
     ns = f"{{{OZONE_NS}}}"
-    if root.tag in ("vm", ns + "vm"):
-        vm = root
-    else:
-        vm = root.find(f"metadata/{ns}vm")
-        if vm is None:
-            return None
+    vm = root if root.tag in ("vm", ns + "vm") else root.find(f"metadata/{ns}vm")
+    if vm is None:
+        return None
     prefix = ns if vm.tag.startswith("{") else ""
 
     def text(tag: str) -> str | None:

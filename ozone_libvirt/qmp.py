@@ -52,6 +52,8 @@ def monitor_command(dom: libvirt.virDomain, command: str, arguments: str | None 
         raise translate(err, name=dom.name()) from None
     reply = json.loads(reply_text)
     if "error" in reply:
-        err = reply["error"]
-        raise QMPError(f"{command}: {err.get('desc', err)} ({err.get('class', 'Error')})")
+        problem = reply["error"]
+        raise QMPError(
+            f"{command}: {problem.get('desc', problem)} ({problem.get('class', 'Error')})"
+        )
     return reply.get("return")

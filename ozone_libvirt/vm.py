@@ -294,8 +294,8 @@ def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
         if where != "cdrom":
             formats[path] = image_format(path)
             chain += backing_chain(path)
-        for image in chain if owner is not None else []:
-            reason = unreadable_by(image, owner)
+        for image in chain:
+            reason = unreadable_by(image, owner) if owner is not None else None
             if reason:
                 raise ConfigError(
                     f"QEMU cannot read {image}: {reason}",
@@ -713,7 +713,7 @@ def qmp_warnings(endpoint: str | None) -> list[str]:
 def dumpxml(conn: libvirt.virConnect, name: str, *, inactive: bool = False) -> str:
     dom = lookup(conn, name)
     flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
-    return call(dom.XMLDesc, flags, name=name)
+    return str(call(dom.XMLDesc, flags, name=name))
 
 
 def serial_log(conn: libvirt.virConnect, name: str) -> Path:

@@ -218,6 +218,7 @@ def test_a_copy_cut_by_a_guest_crash_is_removed_by_the_next_copy(debian, tmp_pat
         wait_until(
             lambda: leftovers(debian, "/var/tmp"), timeout=120, what="the copy's guest folder"
         )
+        guest_sh(debian, "sync")  # the copy's folder is on the disk, not just in memory
         virsh("destroy", debian)  # the guest dies mid-copy
         assert child.wait(timeout=60) == 1
     finally:
