@@ -86,14 +86,18 @@ class Agent:
                 continue
             try:
                 dom = conn.lookupByUUIDString(uuid)
-                if not dom.isActive():
-                    raise StateError(f"{self.name} is not running")
-            except libvirt.libvirtError:
+                active = bool(dom.isActive())
+            except libvirt.libvirtError as err:
                 conn.close()
-                raise StateError(f"{self.name} is gone") from None
-            except StateError:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    raise StateError(f"{self.name} is gone") from None
+                if time.monotonic() >= give_up:  # libvirt answers, but not yet for this
+                    return None
+                time.sleep(0.25)
+                continue
+            if not active:
                 conn.close()
-                raise
+                raise StateError(f"{self.name} is not running")
             agent = Agent(dom, owns_connection=True)
             agent.short_run = self.short_run
             return agent

@@ -21,6 +21,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import libvirt
 
+from .connection import translate
+
 if TYPE_CHECKING:
     from .config import VMConfig
 
@@ -93,37 +95,52 @@ def _entry_dir(key: str) -> Path:
     return cache_root() / key
 
 
+@contextlib.contextmanager
+def _entry_locked(entry: Path) -> Iterator[Path]:
+    """Hold the entry's own lock: taking a slot, and pruning the entry, happen one at a time
+    (else a prune could remove an entry a run is just taking a slot of)."""
+    while True:
+        make_dir(entry)
+        with (entry / "lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if (entry / "lock").exists():  # not pruned while we waited
+                yield entry
+                return
+
+
 def acquire_slot(conn: libvirt.virConnect, config: VMConfig, parts: dict[str, Any]) -> Slot | None:
     """Lock a free slot of the config's entry (creating the entry), or None if all are busy."""
     key = key_digest(parts)
-    entry = make_dir(_entry_dir(key))
-    info = entry / "entry.json"
-    if not info.exists():
-        data = {
-            "key": key,
-            "config": str(config.source) if config.source else None,
-            "name": config.name,
-            "created": time.time(),
-            "parts": parts,
-        }
-        info.write_text(json.dumps(data, indent=2))
-    for index in range(SLOTS):
-        slot = Slot(entry, index, f"{config.name[:40]}-run{index}-{key[:8]}")
-        make_dir(slot.dir)
-        handle = (slot.dir / "lock").open("a")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.close()
-            continue
-        try:  # a VM kept with --keep still holds the slot's name
-            conn.lookupByName(slot.domain_name)
-            handle.close()
-            continue
-        except libvirt.libvirtError:
-            pass
-        slot.lock = handle
-        return slot
+    with _entry_locked(_entry_dir(key)) as entry:
+        info = entry / "entry.json"
+        if not info.exists():
+            data = {
+                "key": key,
+                "config": str(config.source) if config.source else None,
+                "name": config.name,
+                "created": time.time(),
+                "parts": parts,
+            }
+            info.write_text(json.dumps(data, indent=2))
+        for index in range(SLOTS):
+            slot = Slot(entry, index, f"{config.name[:40]}-run{index}-{key[:8]}")
+            make_dir(slot.dir)
+            handle = (slot.dir / "lock").open("a")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:  # a VM kept with --keep still holds the slot's name
+                conn.lookupByName(slot.domain_name)
+                handle.close()
+                continue
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    handle.close()
+                    raise translate(err, name=slot.domain_name) from None
+            slot.lock = handle
+            return slot
     return None
 
 
@@ -190,9 +207,9 @@ def clear_cache(
         path = _entry_dir(entry.key)
         if conn is not None and _slot_vm_running(conn, path):
             continue
-        with _all_slots_locked(path) as free:
+        with _entry_locked(path), _all_slots_locked(path) as free:
             if free:
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path)
                 removed.append(entry.key)
     return removed
 
@@ -200,12 +217,11 @@ def clear_cache(
 def prune_entry(entry: Path) -> bool:
     """Remove an entry that holds no saved state (a fill that failed, or was killed) when no
     run uses any of its slots. True if it was removed."""
-    if any((slot / "state.save").is_file() for slot in entry.glob("slot-*")):
-        return False
-    with _all_slots_locked(entry) as free:
-        if free:
-            shutil.rmtree(entry, ignore_errors=True)
-    return free
+    with _entry_locked(entry), _all_slots_locked(entry) as free:
+        if not free or any((slot / "state.save").is_file() for slot in entry.glob("slot-*")):
+            return False
+        shutil.rmtree(entry)
+    return True
 
 
 def prune_cache(*, dry_run: bool = False) -> list[str]:
@@ -215,13 +231,13 @@ def prune_cache(*, dry_run: bool = False) -> list[str]:
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         if not entry.is_dir() or entry.is_symlink():
             continue
-        with _all_slots_locked(entry) as free:
+        with _entry_locked(entry), _all_slots_locked(entry) as free:
             if not free:
                 continue
             if not any((slot / "state.save").is_file() for slot in entry.glob("slot-*")):
                 removed.append(f"boot cache entry {entry.name} (no saved state)")
                 if not dry_run:
-                    shutil.rmtree(entry, ignore_errors=True)
+                    shutil.rmtree(entry)
                 continue
             for part in entry.glob("slot-*/state.save.part"):
                 removed.append(str(part))
@@ -232,9 +248,17 @@ def prune_cache(*, dry_run: bool = False) -> list[str]:
 
 def _slot_vm_running(conn: libvirt.virConnect, entry: Path) -> bool:
     for meta in entry.glob("slot-*/slot.json"):
-        with contextlib.suppress(OSError, ValueError, libvirt.libvirtError):
-            conn.lookupByName(json.loads(meta.read_text())["name"])
-            return True
+        try:
+            name = str(json.loads(meta.read_text())["name"])
+        except (OSError, ValueError, KeyError):
+            continue
+        try:
+            conn.lookupByName(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                continue
+            raise translate(err, name=name) from None
+        return True
     return False
 
 

@@ -314,7 +314,7 @@ def files_of(xml: str) -> list[FileUse]:
             role = "read-only disk"
         else:
             role = "disk"
-        add(role, source.get("file"))
+        add(role, source.get("file") or source.get("dev"))
         for store in disk.iterfind(".//backingStore/source"):
             add("backing image", store.get("file"))
     return uses

@@ -62,10 +62,12 @@ from .errors import (
     StateError,
     UsageError,
 )
+from .state import Lease
 
 Sink = Callable[[bytes], Any]
 
 DEFAULT_STAGE = "/var/tmp"  # on disk on most distributions, unlike a small tmpfs /tmp
+STAGE_FOLDER = ".ozone-exec"  # ozone's own folder in the stage (root's, 0700)
 STAGE_RE = re.compile(r"/[A-Za-z0-9._+@=,/-]*", re.ASCII)
 CAPTURE_LIMIT = 256 << 10  # each stream up to this size comes back in guest-exec-status
 STREAM_AFTER = 0.1  # seconds a program runs before its output is streamed
@@ -100,16 +102,43 @@ fail() {
   exit 125
 }
 """
-# a stage folder only root can write in, or a sticky one (/tmp, /var/tmp): nobody else can
-# move our folder away and put a symlink in its place
-_STAGE = """s=${p%/*}
+# The stage S (s) holds a folder of ozone's, S/.ozone-exec (q: root's, 0700), and each run gets a
+# folder inside it. Nobody else can enter that folder or create anything in it, so the host,
+# which opens paths in a run's folder until it sees the run end, can never meet a file,
+# symlink or FIFO another user put there, even after the run's folder is gone. S itself must
+# be root's and not writable by others unless sticky, as every folder above it must be
+# (checked for a stage other than the default, with _ANCESTORS): then nobody else can move
+# S/.ozone-exec away. Should S/.ozone-exec be another user's, root removes it and makes its
+# own.
+_STAGE = """q=${p%/*}
+s=${q%/*}
 [ -d "$s" ] || fail "stage: the guest has no folder $s"
+[ -O "$s" ] || fail "stage: $s is not root's"
 if [ ! -k "$s" ]; then
-  [ -O "$s" ] || fail "stage: $s is not root's"
   w() { m=$1; }
   w $(ls -ldL -- "$s")
   case $m in ?????w* | ????????w*) fail "stage: others can write in $s" ;; esac
 fi
+ANCESTORS[ -d "$q" ] || mkdir -m 700 -- "$q" 2>/dev/null
+if [ -h "$q" ] || [ ! -O "$q" ]; then
+  rm -rf -- "$q"
+  mkdir -m 700 -- "$q" || fail "stage: cannot make $q"
+fi
+"""
+# every folder on the way to the stage, as named and as resolved: root's, and not writable
+# by others unless sticky (a symlink on the way must be root's)
+_ANCESTORS = """r=$(cd -P -- "$s" && pwd -P) || fail "stage: cannot enter $s"
+a() {
+  set --
+  for x in "$s" "$r"; do
+    while [ -n "$x" ]; do set -- "$@" "$x"; x=${x%/*}; done
+  done
+  ls -ldn -- / "$@" | while read -r m _ o _; do
+    [ "$o" = 0 ] || exit 1
+    case $m in l*) ;; d????????[tT]*) ;; d????w* | d???????w*) exit 1 ;; d*) ;; *) exit 1 ;; esac
+  done
+}
+a || fail "stage: a folder on the way to $s is not root's, or others can write in it"
 """
 # the folder records the guest's boot in a file's name (made in one step, unlike a file's
 # content): a crash can bring back a folder removed just before it (the file system's journal
@@ -119,11 +148,13 @@ _MKDIR = """mkdir -- "$p" 2>/dev/null || fail "stage: $(mkdir -- "$p" 2>&1)"
 k=1
 read -r b </proc/sys/kernel/random/boot_id && : >"$p/boot-$b"
 """
-_ARGS = """s=${p%/*}
+_ARGS = """q=${p%/*}
+s=${q%/*}
 [ -d "$p" ] && [ ! -h "$p" ] && [ -O "$p" ] || fail "stage: $p is not ozone's"
 k=1
 read -r b </proc/sys/kernel/random/boot_id
 . "$p/args"
+P=$PATH PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 """
 # appending: a program that reopens /dev/stdout with > truncates the file (as it would
 # locally); its later writes then land at the new end, not at a stale offset after a hole
@@ -133,9 +164,8 @@ _FILES = """command exec 3>>"$p/out" 4>>"$p/err" 6>&2 2>/dev/null ||
 _SWEEP = """stale() {
   [ "$1" != "$d/boot-$b" ] && { [ -e "$1" ] || [ -n "$(find "$d" -maxdepth 0 -mmin +1)" ]; }
 }
-for d in "$s"/.ozone-exec-*; do
-  [ "$d" != "$p" ] && [ -d "$d" ] && [ ! -h "$d" ] && [ -O "$d" ] && stale "$d"/boot-* &&
-    rm -rf -- "$d"
+for d in "$q"/*; do
+  [ "$d" != "$p" ] && [ -d "$d" ] && [ ! -h "$d" ] && stale "$d"/boot-* && rm -rf -- "$d"
 done
 """
 _CWD = """cd -- "$c" || fail "cannot change to directory $c"
@@ -214,14 +244,22 @@ _ROOM = """if [ -z "$x" ]; then
 fi"""
 
 
-def wrapper(*, cwd: bool, user: bool, stdin: bool, argfile: bool = False) -> str:
+def stage_checks(*, ancestors: bool) -> str:
+    """The shell that checks the stage and makes ozone's folder in it (see _STAGE)."""
+    return _STAGE.replace("ANCESTORS", _ANCESTORS if ancestors else "")
+
+
+def wrapper(
+    *, cwd: bool, user: bool, stdin: bool, argfile: bool = False, ancestors: bool = False
+) -> str:
     """The shell program that runs one command (see the module docs). Its last act is to
     become `rm` (one fork fewer in the guest), so its own exit status means nothing: the
-    program's is in the header."""
+    program's is in the header. ``ancestors``: check the folders above the stage too (a
+    stage other than the default)."""
     return "".join(
         [
             _HEAD,
-            _ARGS if argfile else _STAGE + _MKDIR,
+            _ARGS if argfile else stage_checks(ancestors=ancestors) + _MKDIR,
             _FILES,
             _SWEEP,
             _CWD if cwd else "",
@@ -233,10 +271,11 @@ def wrapper(*, cwd: bool, user: bool, stdin: bool, argfile: bool = False) -> str
     )
 
 
-# Make the stage folder (for a run whose arguments go in a file): the wrapper's own checks.
-PREPARE = "\n".join(
-    ["p=$1 k=", "fail() {", '  printf "%s\\n" "$*"', "  exit 1", "}", _STAGE + _MKDIR]
-)
+def prepare(*, ancestors: bool) -> str:
+    """Make a run's folder (for a run whose arguments go in a file): the wrapper's checks."""
+    head = 'p=$1 k=\nfail() {\n  printf "%s\\n" "$*"\n  exit 1\n}\n'
+    return head + stage_checks(ancestors=ancestors) + _MKDIR
+
 
 # The environment every guest program starts with (qemu-ga's own is replaced, so that values
 # given with --env travel in the environment, never on a command line that `ps` shows).
@@ -244,11 +283,12 @@ BASE_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     "HOME": "/root",
 }
-CLEANUP = 'rm -rf -- "$1"'
+CLEANUP = '[ -d "$1" ] && [ ! -h "$1" ] && [ -O "$1" ] && exec rm -rf -- "$1"; exit 0'
 # signal every process below the wrapper (collected before any of them dies), and with
 # KILL the wrapper too: INT goes to the program, like Ctrl-C at a terminal, and the wrapper
 # lives on to report how it ended
 KILL = r"""
+grep -q ozone-exec /proc/"$2"/cmdline 2>/dev/null || exit 0  # gone (the pid may be reused)
 l=
 w() {
   for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do
@@ -588,7 +628,7 @@ class _Run:
         self.options = options
         self.assignments = check_argv(argv, options.env)
         self.stage = check_options(options)
-        self.folder = f"{self.stage}/.ozone-exec-{secrets.token_hex(12)}"
+        self.folder = f"{self.stage}/{STAGE_FOLDER}/{secrets.token_hex(12)}"
         self.outputs = (
             _Output(agent, f"{self.folder}/out", stdout),
             _Output(agent, f"{self.folder}/err", stderr),
@@ -600,6 +640,9 @@ class _Run:
         self.deadline: float | None = None
         self.signals_seen = 0
         self.too_late = False  # to stream: the wrapper ended as we began
+        self.final: dict[str, Any] | None = None  # the wrapper's last status, seen early
+        self.unfinished = False  # the program may still run, or its folder remain
+        self.lease: Lease | None = None
 
     @property
     def command(self) -> str:
@@ -608,6 +651,22 @@ class _Run:
     # --- the outcome -----------------------------------------------------------------------
 
     def run(self) -> int:
+        """Run it; whatever happens, leave nothing in the guest (or, when that cannot be
+        known, a lease that lets `ozone gc` finish the job)."""
+        self.lease = Lease.take(
+            "exec",
+            uri=self.agent.uri,
+            uuid=self.agent.dom.UUIDString(),
+            vm=self.agent.name,
+            path=self.folder,
+        )
+        try:
+            return self._outcome()
+        finally:
+            if not self.unfinished:
+                self.lease.release()
+
+    def _outcome(self) -> int:
         try:
             return self._run()
         except ExecTimeout:
@@ -652,8 +711,9 @@ class _Run:
         while True:
             try:
                 state = self.agent.dom.state()[0]
-            except libvirt.libvirtError:
-                return True
+            except libvirt.libvirtError as state_err:
+                # gone (a transient domain that stopped), or libvirt itself went away
+                return bool(state_err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
             if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
                 return True
             if self.agent.answers(timeout=1) or time.monotonic() >= give_up:
@@ -678,6 +738,7 @@ class _Run:
                 f"{self.agent.name} has stopped since"
             )
         if agent is None:
+            self.unfinished = True
             return ExecFailed(
                 f"lost the connection to libvirt at {uri} while `{self.command}` ran and "
                 f"could not reconnect within {RECONNECT_WAIT:g} s: the program may still be "
@@ -694,6 +755,7 @@ class _Run:
             with contextlib.suppress(OzoneError):
                 self._cleanup(agent, force=True)
         except OzoneError as err:
+            self.unfinished = True
             return ExecFailed(
                 f"lost the connection to libvirt at {uri} while `{self.command}` ran; after "
                 f"reconnecting, ozone could not stop it ({err.message}): it may still be "
@@ -715,8 +777,9 @@ class _Run:
         args = ["-c", 'eval "$OZONE_EXEC"', "ozone-exec", str(CAPTURE_LIMIT)]
         args += [opts.cwd or "", opts.user or "", "--"]
         parts = {"cwd": bool(opts.cwd), "user": bool(opts.user), "stdin": opts.stdin is not None}
+        ancestors = self.stage != DEFAULT_STAGE
         env = [f"OZONE_P={self.folder}"]
-        script = wrapper(**parts)
+        script = wrapper(**parts, ancestors=ancestors)
         with contextlib.suppress(RequestTooLarge):
             return self.agent.spawn(
                 "/bin/sh",
@@ -724,7 +787,7 @@ class _Run:
                 env=[*self.assignments, *env, f"OZONE_EXEC={script}"],
             )
         # too big for one agent request: the argv and environment go in a file in the stage
-        prepared = self.agent.script(PREPARE, self.folder)
+        prepared = self.agent.script(prepare(ancestors=ancestors), self.folder)
         if prepared.exit_code != 0:
             problem = prepared.stdout.decode(errors="replace").strip()
             raise ExecFailed(self._stage_problem(problem), hint=_OTHER_STAGE_HINT)
@@ -750,6 +813,8 @@ class _Run:
             if self.options.timeout is not None:
                 self.deadline = began + self.options.timeout
             self.pid = self._spawn()
+            if self.lease is not None:
+                self.lease.update(wrapper_pid=self.pid)
             if self.options.stdin is not None:
                 self.feeder = _StdinFeeder(self.agent, self.folder, self.options.stdin)
             # every status poll also costs the guest CPU time (qemu-ga wakes up and answers),
@@ -763,7 +828,7 @@ class _Run:
             streaming = False
             while True:
                 self._act_on_signals(signals)
-                status = self.agent.status(self.pid)
+                status = self.final or self.agent.status(self.pid)
                 polls += 1
                 if status.get("exited"):
                     self.exited = True
@@ -816,6 +881,11 @@ class _Run:
             try:
                 busy = self.feeder.step() or busy
             except AgentCommandFailed as err:
+                status = self.agent.status(self.pid)
+                if status.get("exited"):  # it ended (and took its folder): nothing to feed
+                    self.final = status
+                    self.feeder.done = True
+                    return True
                 raise ExecFailed(
                     f"cannot stage stdin in {self.agent.name}:{self.stage}: "
                     + err.detail.rsplit(": ", 1)[-1],

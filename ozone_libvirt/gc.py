@@ -8,6 +8,8 @@ a lock. A free lock means a dead owner, so what it covers is debris:
 * the boot cache: entries with no saved state (a fill that failed) and half-written states;
 * copies: ``.NAME.ozone-part-*`` files on the host, ``.ozone-cp-*`` folders in guests
   (through the guest agent; a guest that is not running keeps its folder until it runs);
+* runs of `ozone exec`: their folders in the guest's stage (a program still running gets
+  its stdin closed, and removes its folder when it ends);
 * QMP sockets of VMs that no longer exist.
 """
 
@@ -25,17 +27,32 @@ from .agent import Agent
 from .cache import prune_cache
 from .connection import domain_metadata, open_connection, translate
 from .errors import OzoneError
+from .execute import STAGE_FOLDER
 from .rundir import reap_runs
 from .state import qmp_folder, stale_leases
 from .transfer import GUEST_PART, HOST_PART
 
-# remove a copy's folder in a guest, if it is one (root's, a real folder, ozone's name)
+# In the guest: remove what a dead ozone left, if it is ozone's (root's, a real folder, one
+# of ozone's names). Exit 0: removed, 3: not there, 4: still in use, 2: not ozone's.
 _DISCARD_GUEST_PART = r"""
 case ${1##*/} in .ozone-cp-*) ;; *) exit 2 ;; esac
 [ -e "$1" ] || exit 3
 [ -d "$1" ] && [ ! -h "$1" ] && [ -O "$1" ] && exec rm -rf -- "$1"
 exit 2
 """
+# a run's folder: while its wrapper ($2) still runs, close its stdin (it may wait for more
+# forever) and leave it; the wrapper removes the folder when the program ends
+_DISCARD_RUN_FOLDER = r"""
+case ${1%/*} in */.ozone-exec) ;; *) exit 2 ;; esac
+[ -e "$1" ] || exit 3
+[ -d "$1" ] && [ ! -h "$1" ] && [ -O "$1" ] || exit 2
+if [ -n "$2" ] && grep -q ozone-exec /proc/"$2"/cmdline 2>/dev/null; then
+  [ -p "$1/ctl" ] && echo eof 1<>"$1/ctl"
+  exit 4
+fi
+exec rm -rf -- "$1"
+"""
+_STATES = {0: "removed", 3: "gone", 4: "running"}
 
 
 @dataclass
@@ -54,7 +71,7 @@ def collect(conn: libvirt.virConnect, *, dry_run: bool = False) -> GcResult:
     result.removed += reap_runs(conn, dry_run=dry_run)
     result.removed += prune_cache(dry_run=dry_run)
     _host_parts(result)
-    _guest_parts(conn, result)
+    _guest_leftovers(conn, result)
     _qmp_sockets(conn, result)
     return result
 
@@ -72,51 +89,56 @@ def _host_parts(result: GcResult) -> None:
             lease.release()
 
 
-def _guest_parts(conn: libvirt.virConnect, result: GcResult) -> None:
-    for lease in stale_leases("cp-guest"):
-        path = str(lease.data.get("path", ""))
-        vm = str(lease.data.get("vm", "?"))
-        if not GUEST_PART.fullmatch(path.rsplit("/", 1)[-1]):
-            if not result.dry_run:
-                lease.release()  # it died before it made anything in the guest
-            continue
-        uri = str(lease.data.get("uri") or "")
-        try:
-            other = open_connection(uri) if uri and uri != conn.getURI() else None
-        except OzoneError as err:
-            result.kept.append(f"{vm}:{path} ({err.message})")
-            continue
-        try:
-            state = _discard_in_guest(other or conn, lease.data, path, dry_run=result.dry_run)
-        finally:
-            if other is not None:
-                other.close()
-        if state == "kept":
-            result.kept.append(f"{vm}:{path} (the VM is not running: it stays until it runs)")
-            continue
-        if state == "removed":
-            result.removed.append(f"{vm}:{path}")
-        if not result.dry_run:
-            lease.release()
+def _guest_leftovers(conn: libvirt.virConnect, result: GcResult) -> None:
+    """Copies' folders and runs' folders in guests, left by an ozone that died."""
+    for kind, script, name_ok in (
+        ("cp-guest", _DISCARD_GUEST_PART, lambda p: GUEST_PART.fullmatch(p.rsplit("/", 1)[-1])),
+        ("exec", _DISCARD_RUN_FOLDER, lambda p: p.rsplit("/", 2)[-2:-1] == [STAGE_FOLDER]),
+    ):
+        for lease in stale_leases(kind):
+            path = str(lease.data.get("path", ""))
+            where = f"{lease.data.get('vm', '?')}:{path}"
+            if not name_ok(path):
+                if not result.dry_run:
+                    lease.release()  # it died before it made anything in the guest
+                continue
+            state = _in_guest(conn, lease.data, script, dry_run=result.dry_run)
+            if state == "removed":
+                result.removed.append(where)
+            if state in ("removed", "gone") and not result.dry_run:
+                lease.release()
+            elif state not in ("removed", "gone"):
+                result.kept.append(f"{where} ({state})")
 
 
-def _discard_in_guest(
-    conn: libvirt.virConnect, data: dict[str, Any], path: str, *, dry_run: bool
-) -> str:
-    """removed | gone (the VM no longer exists) | kept (not running, agent silent)."""
+def _in_guest(conn: libvirt.virConnect, data: dict[str, Any], script: str, *, dry_run: bool) -> str:
+    """removed | gone (nothing there, or no such VM) | why it stays."""
+    uri = str(data.get("uri") or "")
     try:
-        dom = conn.lookupByUUIDString(str(data.get("uuid")))
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return "gone"
-        raise translate(err) from None
-    agent = Agent(dom)
-    if not dom.isActive() or not agent.answers(timeout=2):
-        return "kept"
-    if dry_run:
-        return "removed"
-    code = agent.script(_DISCARD_GUEST_PART, path).exit_code
-    return {0: "removed", 3: "gone"}.get(code, "kept")
+        other = open_connection(uri) if uri and uri != conn.getURI() else None
+    except OzoneError as err:
+        return err.message
+    try:
+        target = other or conn
+        try:
+            dom = target.lookupByUUIDString(str(data.get("uuid")))
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return "gone"
+            raise translate(err) from None
+        agent = Agent(dom)
+        if not dom.isActive() or not agent.answers(timeout=2):
+            return "the VM is not running: it stays until it runs"
+        if dry_run:
+            return "removed"
+        pid = str(data.get("wrapper_pid") or "")
+        code = agent.script(script, str(data.get("path")), pid).exit_code
+        return _STATES.get(code, "not ozone's: left alone").replace(
+            "running", "its program still runs (its stdin is closed now)"
+        )
+    finally:
+        if other is not None:
+            other.close()
 
 
 def _qmp_sockets(conn: libvirt.virConnect, result: GcResult) -> None:
@@ -130,9 +152,12 @@ def _qmp_sockets(conn: libvirt.virConnect, result: GcResult) -> None:
                 continue
             try:
                 dom = conn.lookupByName(sock.name.removesuffix(".sock"))
-                meta = domain_metadata(dom)
-            except libvirt.libvirtError:
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise translate(err) from None
                 meta = None
+            else:
+                meta = domain_metadata(dom)
             if meta is not None and meta.qmp == f"unix:{sock}":
                 continue
             result.removed.append(str(sock))

@@ -114,7 +114,12 @@ def _transient(
     a VM (the config's base disks, its ISO) to QEMU's user at start and never gives them
     back, and a base image must keep its owner and mode."""
     run_config = dataclasses.replace(
-        config, name=name, disks=tuple(disks), qmp=Qmp(kind="off"), serial_log=None
+        config,
+        name=name,
+        disks=tuple(disks),
+        qmp=Qmp(kind="off"),
+        serial_log=None,
+        description=run_dir.mark,
     )
     uuid = str(uuidlib.uuid4())
     xml = dx.to_string(
@@ -192,6 +197,10 @@ def restore(
         file = source.get("file")
         if file is not None and file in mapping:
             source.set("file", mapping[file])
+    description = root.find("description")
+    if description is None:
+        description = etree.SubElement(root, "description")
+    description.text = run_dir.mark
     dxml = etree.tostring(root, encoding="unicode")
     name = root.findtext("name") or slot.domain_name
     run_dir.expect(name, root.findtext("uuid") or "")

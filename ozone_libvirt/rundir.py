@@ -6,12 +6,12 @@ Light on purpose (no config, no lxml): `cache clear` imports it.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import secrets
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from .cache import make_dir
+from .connection import translate
 
 if TYPE_CHECKING:
     from .config import VMConfig
@@ -61,6 +62,12 @@ class RunDir:
         self.owner["domains"].append({"name": name, "uuid": uuid})
         self.save()
 
+    @property
+    def mark(self) -> str:
+        """The description this run's domains carry: a boot cache slot restores under the
+        same name and UUID every time, so only this tells whose a domain is."""
+        return f"ozone run in {self.path}"
+
     def keep(self) -> None:
         self.owner["kept"] = True
         self.save()
@@ -77,49 +84,74 @@ class RunDir:
 
 def reap_runs(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str]:
     """Find runs whose process is gone (nobody holds their lock) and remove what they left:
-    their transient VMs and their folders. Kept runs stay while their VM runs. Cheap: one
+    their transient VMs and their folders. Kept runs stay while their VM exists. Cheap: one
     flock attempt per run folder. Returns what was (or, with ``dry_run``, would be) removed."""
     root = run_root()
     if not root.is_dir():
         return []
-    removed = []
+    removed: list[str] = []
     for path in sorted(root.iterdir()):
-        lock = path / "lock"
-        if not path.is_dir() or path.is_symlink() or not lock.is_file():
-            continue
-        fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            fd = os.open(path / "lock", os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            continue  # not a run's folder, or another reaper just removed it
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 continue  # its run is alive
-            try:
-                owner = json.loads((path / "owner.json").read_text())
-            except (OSError, ValueError):
-                owner = {"domains": []}
-            domains = [d for d in owner.get("domains", []) if _run_domain(conn, d) is not None]
-            if owner.get("kept") and domains:
-                continue  # the user's to stop; the folder holds its disks
-            for entry in domains:
-                removed.append(f"VM {entry['name']}")
-                dom = _run_domain(conn, entry)
-                if dom is not None and not dry_run:
-                    with contextlib.suppress(libvirt.libvirtError):
-                        dom.destroy()
-            removed.append(str(path))
-            if not dry_run:
-                shutil.rmtree(path, ignore_errors=True)
+            removed += _reap(conn, path, dry_run=dry_run)
         finally:
             os.close(fd)
     return removed
 
 
-def _run_domain(conn: libvirt.virConnect, entry: dict[str, str]) -> libvirt.virDomain | None:
-    """The transient domain a run recorded, if it still exists (same UUID and name)."""
+def _reap(conn: libvirt.virConnect, path: Path, *, dry_run: bool) -> list[str]:
+    """One dead run's folder (we hold its lock)."""
+    try:
+        owner = json.loads((path / "owner.json").read_text())
+    except FileNotFoundError:
+        # a run writes owner.json right after it locks its new folder: give it a minute
+        if time.time() - path.stat().st_mtime < 60:
+            return []
+        owner = {"domains": []}
+    except (OSError, ValueError):
+        owner = {"domains": []}
+    found = [(entry, _run_domain(conn, entry, path)) for entry in owner.get("domains", [])]
+    alive = [(entry, dom) for entry, dom in found if dom is not None]
+    if owner.get("kept") and alive:
+        return []  # the user's to stop; the folder holds its disks
+    removed = []
+    for entry, dom in alive:
+        if not dry_run:
+            try:
+                dom.destroy()
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise translate(err, name=entry.get("name")) from None
+        removed.append(f"VM {entry['name']}")
+    if not dry_run:
+        shutil.rmtree(path)
+    return [*removed, str(path)]
+
+
+def _run_domain(
+    conn: libvirt.virConnect, entry: dict[str, str], folder: Path
+) -> libvirt.virDomain | None:
+    """The transient domain a run recorded, if it still exists and is the run's: same UUID
+    and name, and marked with the run's folder (another run may have restored the same boot
+    cache slot, under the same name and UUID, since)."""
     try:
         dom = conn.lookupByUUIDString(entry["uuid"])
-    except (libvirt.libvirtError, KeyError):
+    except KeyError:
         return None
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise translate(err, name=entry.get("name")) from None
     if dom.name() != entry.get("name") or dom.isPersistent():
         return None  # not what the run made: never touch it
-    return dom
+    from xml.etree import ElementTree
+
+    description = ElementTree.fromstring(dom.XMLDesc(0)).findtext("description")
+    return dom if description == f"ozone run in {folder}" else None

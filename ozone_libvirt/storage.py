@@ -62,9 +62,16 @@ def create_disk(disk: Disk, *, owner: tuple[int, int] | None = None) -> None:
 
 
 def backing_file_of(path: Path) -> Path | None:
-    """The backing file a qcow2 image names in its header (None: not qcow2, or none)."""
+    """The backing file a qcow2 image names in its header (None: not qcow2, or none). Reads
+    regular files only: a FIFO or a device named by some domain must not hang ozone."""
     try:
-        with path.open("rb") as image:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        with os.fdopen(fd, "rb", closefd=False) as image:
             header = image.read(20)
             if len(header) < 20 or header[:4] != QCOW2_MAGIC:
                 return None
@@ -75,6 +82,8 @@ def backing_file_of(path: Path) -> Path | None:
             name = image.read(size).decode("utf-8", errors="surrogateescape")
     except OSError:
         return None
+    finally:
+        os.close(fd)
     if "://" in name or name.startswith("json:"):
         return None  # a network or JSON backing spec, not a file of this host
     backing = Path(name)
@@ -103,6 +112,8 @@ def why_not_deletable(path: Path) -> str | None:
         return "it is a symbolic link"
     if not stat.S_ISREG(info.st_mode):
         return "it is not a regular file"
+    if info.st_nlink > 1:
+        return "it has other hard links"
     if path.suffix.lower() == ".iso" or _is_iso9660(path):
         return "it is an ISO image"
     return None
@@ -117,15 +128,18 @@ def _is_iso9660(path: Path) -> bool:
         return False
 
 
-def remove_files(paths: list[Path]) -> list[Path]:
-    removed = []
+def remove_files(paths: list[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Delete what exists of ``paths``: (removed, [(path, why not)])."""
+    removed, failed = [], []
     for path in paths:
         try:
             path.unlink()
             removed.append(path)
         except FileNotFoundError:
             continue
-    return removed
+        except OSError as err:
+            failed.append((path, err.strerror or str(err)))
+    return removed, failed
 
 
 def parse_label(label: str | None) -> tuple[int, int] | None:

@@ -18,6 +18,7 @@ that owner is gone; `ozone gc` removes it too, through the lease each copy holds
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import os
@@ -42,48 +43,79 @@ GUEST_PART = re.compile(
 HOST_PART = ".ozone-part-"
 STALE_AFTER = 10.0  # seconds: a host part file younger than this is never judged stale
 
-# Where will a file named $2 land if copied to $1 in the guest? Make the private folder the
-# copy is written in ($3 names it) next to it, and list the other copies' folders there.
-# Prints the target, the folder, then those names; or a message and exits 1.
+# Where will a file named $2 land if copied to $1 in the guest? The copy is written in a
+# private folder ($3 names it) in the nearest folder at or above the destination's, on its
+# file system, that no other user can change (root's, and not writable by others unless
+# sticky): nobody but root can then move that private folder or put a link in it, and the
+# finished file reaches its destination by one rename on the same file system. Prints the
+# target, the private folder, then the other copies' folders beside it; or a message, exit 1.
 _PREPARE = r"""
-t=$1
-case $t in */) t=$t$2 ;; *) [ -d "$t" ] && t=$t/$2 ;; esac
+t=$1 n=$2 g=$3
+mine() { [ -h "$1" ] || return 0; set -- $(ls -ldn -- "$1"); [ "$3" = 0 ]; }
+mine "$t" || { echo "$t is a symlink of another user's"; exit 1; }
+case $t in */) t=$t$n ;; *) [ -d "$t" ] && t=$t/$n ;; esac
+mine "$t" || { echo "$t is a symlink of another user's"; exit 1; }
 d=${t%/*}
 [ -n "$d" ] || d=/
 [ -d "$d" ] || { echo "no directory $d"; exit 1; }
 [ -d "$t" ] && { echo "$t is a directory"; exit 1; }
+a=$(cd -P -- "$d" && pwd -P) || { echo "cannot enter $d"; exit 1; }
+v=$(stat -c %d -- "$a")
+while :; do
+  set -- $(stat -c '%d %u %a' -- "$a")
+  [ "$1" = "$v" ] || { echo "no folder above $d on its file system is root's alone"; exit 1; }
+  [ "$2" = 0 ] && { [ $((0$3 & 01000)) != 0 ] || [ $((0$3 & 022)) = 0 ]; } && break
+  [ "$a" = / ] && { echo "no folder above $d is root's alone"; exit 1; }
+  a=${a%/*}
+  [ -n "$a" ] || a=/
+done
+[ "$a" = / ] && a=
 read -r b </proc/sys/kernel/random/boot_id
-w=$d/.ozone-cp-${b%%-*}-$3
+w=$a/.ozone-cp-${b%%-*}-$g
 umask 077
 mkdir -- "$w" 2>/dev/null || { mkdir -- "$w" 2>&1 | sed 's/.*: //'; exit 1; }
 printf '%s\n%s\n' "$t" "$w"
-for x in "$d"/.ozone-cp-*; do
+for x in "$a"/.ozone-cp-*; do
   [ "$x" != "$w" ] && [ -d "$x" ] && [ ! -h "$x" ] && [ -O "$x" ] && printf '%s\n' "${x##*/}"
 done
 exit 0
 """
-# chmod and rename the finished file into place; remove the stale folders named after --
+# chmod the finished file and put it in place with one rename that replaces whatever the
+# name is, a symlink included, and never follows it (GNU mv -T; busybox has no -T: a hard
+# link, ln -n, does the same); remove the stale folders named after --
 _FINISH = r"""
 m=$1 w=$2 t=$3
 shift 4
-d=${t%/*}
-[ -n "$d" ] || d=/
+a=${w%/*}
 for x in "$@"; do
-  [ -d "$d/$x" ] && [ ! -h "$d/$x" ] && [ -O "$d/$x" ] && rm -rf -- "$d/$x"
+  [ -d "$a/$x" ] && [ ! -h "$a/$x" ] && [ -O "$a/$x" ] && rm -rf -- "$a/$x"
 done
-chmod "$m" "$w/data" && mv -f -- "$w/data" "$t" && exec rmdir -- "$w"
+chmod "$m" "$w/data" || { rm -rf -- "$w"; exit 1; }
+if mv -fT -- "$w/data" "$t" 2>/dev/null || { ln -fn -- "$w/data" "$t" && rm -f -- "$w/data"; }
+then
+  exec rmdir -- "$w"
+fi
 rm -rf -- "$w"
 exit 1
 """
-_DISCARD = 'rm -rf -- "$1"'
-# mode (octal) and size of a regular file, or a message
-_STAT = r"""
-[ -e "$1" ] || { echo "no such file"; exit 1; }
+_DISCARD = '[ -d "$1" ] && [ ! -h "$1" ] && [ -O "$1" ] && exec rm -rf -- "$1"; exit 0'
+# Hold the source open (a FIFO swapped in blocks this shell, never qemu-ga): the host reads
+# the very file this shell opened, through /proc/PID/fd/3, and learns its mode and size from
+# it, so nobody can swap another file in between.
+_HOLD = r"""
 [ -d "$1" ] && { echo "is a directory"; exit 1; }
-[ -f "$1" ] || { echo "not a regular file"; exit 1; }
-[ -r "$1" ] || { echo "not readable"; exit 1; }
-stat -L -c '%a %s' "$1"
+exec 3<"$1" || exit 1
+[ -f /proc/$$/fd/3 ] || { echo "not a regular file"; exit 1; }
+exec sleep 600
 """
+_DESCRIBE = r"""
+grep -q '^sleep' /proc/"$1"/comm 2>/dev/null || exit 1
+stat -L -c '%a %s' /proc/"$1"/fd/3
+"""
+_RELEASE = 'grep -q "^sleep" /proc/"$1"/comm 2>/dev/null && kill "$1"; exit 0'
+# a holder still opening its file: it is the shell of _HOLD, blocked in open()
+KILL_HOLDER = 'grep -q \'exec 3<\' /proc/"$1"/cmdline 2>/dev/null && kill -9 "$1"; exit 0'
+HOLD_WAIT = 10.0  # seconds the source may take to open (a FIFO never opens)
 
 
 @dataclass(frozen=True)
@@ -190,6 +222,8 @@ def copy_to_guest(
         )
     if not stat.S_ISREG(info.st_mode):
         raise UsageError(f"{source} is not a regular file")
+    if "\n" in destination or "\n" in source.name:
+        raise UsageError("file names with a line break cannot be copied into a guest")
     where = f"{agent.name}:{destination}"
     tag = owner_tag()
     lease = Lease.take("cp-guest", uri=agent.uri, uuid=agent.dom.UUIDString(), vm=agent.name)
@@ -247,14 +281,6 @@ def copy_from_guest(
     agent: Agent, source: str, destination: str | Path, *, progress: Progress | None = None
 ) -> CopyResult:
     where = f"{agent.name}:{source}"
-    described = agent.script(_STAT, source)
-    if described.exit_code != 0:
-        message = described.stdout.decode().strip() or described.stderr.decode().strip()
-        if message == "no such file":
-            raise NotFoundError(f"no such file: {where}")
-        raise OzoneError(f"cannot read {where}: {message}")
-    mode_text, size_text = described.stdout.decode().split()
-    mode, size = int(mode_text, 8) & 0o777, int(size_text)  # never setuid on the host
     target = Path(destination)
     if str(destination).endswith("/") or target.is_dir():
         if not target.is_dir():
@@ -262,19 +288,68 @@ def copy_from_guest(
         target = target / os.path.basename(source)
     if not target.parent.is_dir():
         raise NotFoundError(f"cannot write {target}: no directory {target.parent}")
+    holder, mode, size = _hold(agent, source)
+    try:
+        return _receive(agent, holder, where, target, mode, size, progress)
+    finally:
+        with contextlib.suppress(OzoneError):
+            agent.script(_RELEASE, str(holder))
+        with contextlib.suppress(OzoneError):
+            agent.status(holder)  # qemu-ga keeps an ended process until asked
+
+
+def _hold(agent: Agent, source: str) -> tuple[int, int, int]:
+    """Open ``source`` in a guest process that keeps it open; returns that process's pid and
+    the file's permission bits (never setuid on the host) and size, read from the open file."""
+    where = f"{agent.name}:{source}"
+    pid = agent.spawn("/bin/sh", ["-c", _HOLD, "ozone", source])
+    give_up = time.monotonic() + HOLD_WAIT
+    while True:
+        status = agent.status(pid)
+        if status.get("exited"):
+            out = base64.b64decode(status.get("out-data", "")).decode(errors="replace")
+            err = base64.b64decode(status.get("err-data", "")).decode(errors="replace")
+            message = (out or err).strip().rsplit(": ", 1)[-1]
+            if message.lower().startswith("no such file"):
+                raise NotFoundError(f"no such file: {where}")
+            raise OzoneError(f"cannot read {where}: {message or 'it cannot be opened'}")
+        described = agent.script(_DESCRIBE, str(pid))
+        if described.exit_code == 0:
+            mode_text, size_text = described.stdout.decode().split()
+            return pid, int(mode_text, 8) & 0o777, int(size_text)
+        if time.monotonic() >= give_up:
+            with contextlib.suppress(OzoneError):
+                agent.script(KILL_HOLDER, str(pid))
+            raise OzoneError(
+                f"cannot read {where}: opening it did not finish in {HOLD_WAIT:g} s "
+                "(a FIFO, or a device that waits?)"
+            )
+        time.sleep(0.02)
+
+
+def _receive(
+    agent: Agent,
+    holder: int,
+    where: str,
+    target: Path,
+    mode: int,
+    size: int,
+    progress: Progress | None,
+) -> CopyResult:
+    """Read the held file into a part file beside ``target``, then rename it into place."""
     remove_stale_host_parts(target.parent)
     temporary = target.with_name(f".{target.name}{HOST_PART}{secrets.token_hex(4)}")
+    lease = Lease.take("cp-host", path=str(temporary))  # before the file: gc always sees it
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     except OSError as err:
+        lease.release()
         raise OzoneError(f"cannot write {target}: {err.strerror}") from None
-    lease: Lease | None = None
     received = 0
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until the copy ends: the file is not debris
-        lease = Lease.take("cp-host", path=str(temporary))
         try:
-            handle = agent.open(source, "r")
+            handle = agent.open(f"/proc/{holder}/fd/3", "r")
         except AgentCommandFailed as err:
             raise OzoneError(f"cannot read {where}: {_guest_error(err)}") from None
         with os.fdopen(fd, "wb", closefd=False) as out:

@@ -150,6 +150,25 @@ class Neighbours:
 
     qmp: dict[str, str]  # endpoint → VM name
     files: dict[Path, list[str]]  # file → its uses, e.g. "web (disk)", "ci (backing image)"
+    # the same, by (device, inode) where the file is on this host: another path to a file
+    # (a symlinked folder, a hard link) is the same file
+    inodes: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+
+    def uses(self, path: Path) -> list[str]:
+        found = list(self.files.get(path, []))
+        identity = _identity(path)
+        for use in self.inodes.get(identity, []) if identity else []:
+            if use not in found:
+                found.append(use)
+        return found
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
 
 
 def neighbours(
@@ -160,6 +179,7 @@ def neighbours(
     running domains and, on this host, from the images' own headers)."""
     qmp: dict[str, str] = {}
     files: dict[Path, list[str]] = {}
+    inodes: dict[tuple[int, int], list[str]] = {}
     for dom in call(conn.listAllDomains, 0):
         name = dom.name()
         if name == except_name:
@@ -179,10 +199,14 @@ def neighbours(
             if local and use.role == "disk":
                 uses += [("backing image", p) for p in backing_chain(use.path)]
             for role, path in uses:
-                if path not in seen:
-                    seen.add(path)
-                    files.setdefault(path, []).append(f"{name} ({role})")
-    return Neighbours(qmp, files)
+                if path in seen:
+                    continue
+                seen.add(path)
+                files.setdefault(path, []).append(f"{name} ({role})")
+                identity = _identity(path) if local else None
+                if identity:
+                    inodes.setdefault(identity, []).append(f"{name} ({role})")
+    return Neighbours(qmp, files, inodes)
 
 
 def _free_qmp_port(name: str, used: dict[str, str], *, local: bool, avoid: int = 0) -> QmpEndpoint:
@@ -252,13 +276,13 @@ def _check_network(conn: libvirt.virConnect, config: VMConfig) -> None:
         ) from None
 
 
-def _check_disks_unshared(config: VMConfig, files: dict[Path, list[str]]) -> None:
+def _check_disks_unshared(config: VMConfig, around: Neighbours) -> None:
     """A writable disk that another VM also uses (as its disk, or as a backing image it
     reads), or a backing image that another VM writes, would be corrupted: refuse, naming
     the other VM."""
     file = str(config.source) if config.source else None
     for i, disk in enumerate(config.disks):
-        others = files.get(disk.path)
+        others = around.uses(disk.path)
         if others:
             raise ConfigError(
                 f"{disk.path} is already used by VM " + ", ".join(others),
@@ -267,7 +291,8 @@ def _check_disks_unshared(config: VMConfig, files: dict[Path, list[str]]) -> Non
                 hint="two VMs writing one image corrupt it: give this VM its own disk, "
                 'or an overlay over a shared base ("backing")',
             )
-        writers = [u for u in files.get(disk.backing or Path(), []) if u.endswith("(disk)")]
+        backing = around.uses(disk.backing) if disk.backing else []
+        writers = [u for u in backing if u.endswith("(disk)")]
         if writers:
             raise ConfigError(
                 f"{disk.backing} is the disk of VM " + ", ".join(writers),
@@ -345,7 +370,7 @@ def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
             previous_qmp = meta.qmp_endpoint
             uuid = existing.UUIDString()
         around = neighbours(conn, except_name=config.name, local=local)
-        _check_disks_unshared(config, around.files)
+        _check_disks_unshared(config, around)
         qmp = resolve_qmp(config, facts, around.qmp, previous=previous_qmp, local=local)
         root = dx.build_domain(
             config, facts=facts, qmp_endpoint=qmp, uuid=uuid, backing_formats=formats
@@ -566,41 +591,49 @@ def undefine(
     conn: libvirt.virConnect, name: str, *, remove_storage: bool = False, force: bool = False
 ) -> list[str]:
     """Remove the domain definition; with ``remove_storage`` also its writable disk images.
-    Before deleting anything it checks every image: a regular file, not an ISO, used by no
-    other VM (as its disk or anywhere in a backing chain). If one fails, nothing changes.
-    Returns the files removed."""
+    Before deleting anything it checks every image: a regular file with no other hard link,
+    not an ISO, used by no other VM (as its disk or anywhere in a backing chain, under any
+    path). If one fails, nothing changes. Returns the files removed."""
     dom = lookup(conn, name)
     active = is_active(dom)
     if active and not force:
         raise StateError(f"{name} is running", hint=f"`ozone stop {name}` first, or pass --force")
-    images: list[Path] = []
-    if remove_storage:
-        xml = call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, name=name)
-        images = [use.path for use in dx.files_of(xml) if use.role == "disk"]
-        if images and not is_local(conn):
-            raise OzoneError(
-                "--remove-storage works only on the VM's own host; nothing was changed",
-                hint=f"`ozone undefine {name}` keeps the disks",
-            )
-        _check_deletable(conn, name, images)
-    if active:
-        call(dom.destroy, name=name)
-    flags = (
-        libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-        | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-        | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
-    )
-    call(dom.undefineFlags, flags, name=name)
-    return [str(p) for p in remove_files(images)]
+    with host_lock("define"):  # no define may take up a disk between the check and the delete
+        images: list[Path] = []
+        if remove_storage:
+            xml = call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, name=name)
+            images = [use.path for use in dx.files_of(xml) if use.role == "disk"]
+            if images and not is_local(conn):
+                raise OzoneError(
+                    "--remove-storage works only on the VM's own host; nothing was changed",
+                    hint=f"`ozone undefine {name}` keeps the disks",
+                )
+            _check_deletable(conn, name, images)
+        if active:
+            call(dom.destroy, name=name)
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        )
+        call(dom.undefineFlags, flags, name=name)
+        removed, failed = remove_files(images)
+    if failed:
+        raise OzoneError(
+            f"undefined {name}, but could not delete "
+            + ", ".join(f"{path} ({reason})" for path, reason in failed),
+        )
+    return [str(p) for p in removed]
 
 
 def _check_deletable(conn: libvirt.virConnect, name: str, images: list[Path]) -> None:
-    users = neighbours(conn, except_name=name).files
+    around = neighbours(conn, except_name=name)
     problems = []
     for image in images:
         reason = why_not_deletable(image)
-        if reason is None and users.get(image):
-            reason = "VM " + ", ".join(users[image]) + " uses it"
+        users = around.uses(image) if reason is None else []
+        if users:
+            reason = "VM " + ", ".join(users) + " uses it"
         if reason:
             problems.append(f"{image} ({reason})")
     if problems:

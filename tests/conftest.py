@@ -269,14 +269,15 @@ def guest_sh(guest: str, script: str, *, user: str | None = None) -> str:
     return proc.stdout.decode()
 
 
-# the staging folder of the exec that looks (its stdout is a file in it)
-_OWN_STAGE = "o=$(readlink /proc/$$/fd/1); o=${o%/*}; o=${o##*/}"
+# the run folder of the exec that looks (its stdout is a file in it)
+_OWN_RUN = "o=$(readlink /proc/$$/fd/1); o=${o%/*}; o=${o##*/}"
 
 
 def leftovers(guest: str, folders: str = "/var/tmp /tmp") -> list[str]:
-    """ozone's folders in the guest's staging places (but that of the exec that looks)."""
+    """What ozone left in the guest's staging places: run folders (but that of the exec
+    that looks) and copies' folders."""
     script = (
-        f"{_OWN_STAGE}; for d in {folders}; do ls -a $d; done | "
-        "grep '^[.]ozone-' | grep -vx \"$o\" | sort -u || true"
+        f'{_OWN_RUN}; for d in {folders}; do ls -A $d/.ozone-exec 2>/dev/null | grep -vx "$o";'
+        " ls -A $d | grep '^[.]ozone-cp-'; done | sort -u || true"
     )
     return guest_sh(guest, script).split()

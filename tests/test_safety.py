@@ -86,16 +86,18 @@ def test_a_programs_user_owns_its_output_and_stdin(guest):
 
 
 # user `ozone` plants a link to /root/victim at every name ozone uses in each ozone folder it
-# sees (and next to it, as the old flat names were), for up to 60 s
+# sees, tries to make run folders of its own where ozone's go, and plants links next to
+# ozone's folders (as the old flat names were), for up to 60 s
 PLANTER = r"""
 end=$(($(date +%s) + 60))
 while [ "$(date +%s)" -lt $end ]; do
-  for d in /tmp/.ozone-* /var/tmp/.ozone-*; do
+  for d in /tmp/.ozone-* /var/tmp/.ozone-* /tmp/.ozone-exec/* /var/tmp/.ozone-exec/*; do
     [ -d "$d" ] && [ ! -h "$d" ] || continue
     for f in in in.0 in.1 ctl out err stream data args probe; do
       ln -s /root/victim "$d/$f"
       ln -s /root/victim "$d.$f"
     done
+    mkdir "$d/x" "${d%/*}/planted"
   done 2>/dev/null
   usleep 20000
 done
@@ -143,6 +145,46 @@ def test_planted_symlinks_never_redirect_roots_writes(guest, tmp_path):
     )
     guest_sh(guest, "rm -f /root/victim")
     assert leftovers(guest) == []
+
+
+def test_a_copy_into_a_users_folder_is_staged_where_only_root_can_write(guest, tmp_path):
+    """The owner of /home/ozone could move a folder of root's out of it and put one of theirs
+    in its place: the copy is written in /home (root's) and renamed into /home/ozone."""
+    source = tmp_path / "payload"
+    source.write_bytes(os.urandom(8 * MiB))
+    source.chmod(0o640)
+    child = subprocess.Popen(ozone_cmd("cp", str(source), f"{guest}:/home/ozone/"), env=ozone_env())
+    try:
+        wait_until(
+            lambda: guest_sh(guest, "ls -A /home | grep '^[.]ozone-cp-' || true"),
+            timeout=60,
+            what="the copy's folder in /home",
+        )
+        assert ".ozone-cp-" not in guest_sh(guest, "ls -A /home/ozone")
+        assert child.wait(timeout=120) == 0
+    finally:
+        child.kill()
+    listing = guest_sh(guest, "ls -ln /home/ozone/payload; md5sum </home/ozone/payload")
+    assert listing.split()[0] == "-rw-r-----" and listing.split()[2] == "0"
+    assert listing.split()[-2] == hashlib.md5(source.read_bytes()).hexdigest()
+    assert (
+        guest_sh(guest, "rm /home/ozone/payload; ls -A /home | grep -c ozone-cp || true") == "0\n"
+    )
+
+
+def test_a_copy_never_follows_another_users_symlink(guest, tmp_path):
+    guest_sh(guest, "echo 0 >/proc/sys/fs/protected_symlinks")
+    try:
+        guest_sh(guest, "ln -s /etc /tmp/evil", user="ozone")
+        source = tmp_path / "payload"
+        source.write_text("x\n")
+        for target in ("/tmp/evil", "/tmp/evil/"):
+            proc = run_ozone("cp", str(source), f"{guest}:{target}")
+            assert proc.returncode == 1, proc.stderr
+            assert "is a symlink of another user's" in proc.stderr
+        assert "payload" not in guest_sh(guest, "ls /etc")
+    finally:
+        guest_sh(guest, "rm -f /tmp/evil; echo 1 >/proc/sys/fs/protected_symlinks")
 
 
 def test_a_stage_folder_that_cannot_be_used_fails_fast_with_125(guest):
@@ -509,6 +551,26 @@ def test_a_failed_cache_fill_leaves_no_empty_entry(run_config, run_env):
     assert as_json("cache", "list", env=run_env) == []
     assert os.listdir(run_env["OZONE_CACHE_DIR"]) == []
     assert run_leftovers(name, run_env) == []
+
+
+def test_gc_closes_the_stdin_of_a_program_a_killed_exec_left(guest):
+    """`ozone exec -i` killed: its program waits for more stdin forever. gc closes its stdin;
+    the program ends, and its run folder goes."""
+    child = subprocess.Popen(
+        ozone_cmd("exec", "-i", guest, "--", "sh", "-c", "echo started; cat >/dev/null; echo eof"),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=ozone_env(),
+    )
+    assert child.stdout.readline() == b"started\n"
+    child.kill()
+    child.wait()
+    assert len(leftovers(guest)) == 1
+    first = as_json("gc")
+    assert any("its program still runs" in item for item in first["kept"]), first
+    wait_until(lambda: not leftovers(guest), timeout=30, what="the program to end")
+    second = as_json("gc")
+    assert not any(guest in item for item in second["kept"]), second
 
 
 def host_parts(folder: Path) -> list[str]:

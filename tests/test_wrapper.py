@@ -17,7 +17,8 @@ from ozone_libvirt.errors import UsageError
 from ozone_libvirt.transfer import parse_location
 
 SHELLS = {"busybox": ["busybox", "sh"], "dash": ["dash"], "bash": ["bash"]}
-FOLDER = ".ozone-exec-test"
+PARENT = execute.STAGE_FOLDER
+FOLDER = f"{PARENT}/test"
 
 
 @pytest.fixture(params=sorted(SHELLS))
@@ -48,8 +49,11 @@ def run_wrapper(
     limit: int = 1000,
     env: dict[str, str] | None = None,
     argfile: bool = False,
+    ancestors: bool = False,
 ) -> tuple[subprocess.CompletedProcess[bytes], execute._Header | None, bytes]:
-    script = execute.wrapper(cwd=bool(cwd), user=bool(user), stdin=False, argfile=argfile)
+    script = execute.wrapper(
+        cwd=bool(cwd), user=bool(user), stdin=False, argfile=argfile, ancestors=ancestors
+    )
     environment = {
         **execute.BASE_ENV,
         **(env or {}),
@@ -79,7 +83,7 @@ def test_captured_output_and_status(shell, stage):
     assert header.full is None
     assert out == b"a\x00b"
     assert proc.stderr == b"err\n"
-    assert list(stage.iterdir()) == [], "the wrapper left files behind"
+    assert list((stage / PARENT).iterdir()) == [], "the wrapper left files behind"
 
 
 def test_the_stage_is_a_private_folder_and_the_program_gets_umask_022(shell, stage):
@@ -107,7 +111,7 @@ def test_streamed_when_the_host_asked(shell, stage):
     )
     assert header is not None and header.mode == "streamed" and header.sizes == (3, 0)
     assert out == b""
-    assert list(stage.iterdir()) == []
+    assert list((stage / PARENT).iterdir()) == []
 
 
 def test_missing_program_and_bad_cwd(shell, stage):
@@ -117,7 +121,7 @@ def test_missing_program_and_bad_cwd(shell, stage):
     _, header, _ = run_wrapper(shell, stage, ["true"], cwd="/no/such/dir")
     assert header is not None and header.mode == "failed"
     assert header.message == "cannot change to directory /no/such/dir"
-    assert list(stage.iterdir()) == []
+    assert list((stage / PARENT).iterdir()) == []
 
 
 def test_the_programs_path_is_its_own(shell, stage):
@@ -128,15 +132,27 @@ def test_the_programs_path_is_its_own(shell, stage):
     assert out == b"/nowhere\n"
 
 
-def test_a_planted_folder_or_link_is_never_used(shell, stage, tmp_path):
+@pytest.mark.parametrize("planted", ["symlink", "folder"])
+def test_a_planted_parent_is_replaced_never_used(shell, stage, tmp_path, planted):
+    """Another user made S/.ozone-exec first (a symlink to a folder of theirs, or a folder
+    holding a symlink where the run's folder goes): root removes it, makes its own, and
+    writes nothing through theirs."""
     victim = tmp_path / "victim"
     victim.mkdir()
-    os.symlink(victim, stage / FOLDER)
-    _, header, _ = run_wrapper(shell, stage, ["echo", "overwrite?"])
-    assert header is not None and header.mode == "failed"
-    assert header.message.startswith("stage: ")
-    assert list(victim.iterdir()) == []
-    assert (stage / FOLDER).is_symlink(), "the wrapper removed what it did not make"
+    (victim / "file").write_text("precious")
+    if planted == "symlink":
+        os.symlink(victim, stage / PARENT)
+    else:
+        (stage / PARENT).mkdir()
+        os.symlink(victim, stage / FOLDER)
+        os.chown(stage / PARENT, 65534, 65534)
+    _, header, out = run_wrapper(shell, stage, ["echo", "hi"])
+    assert header is not None and header.exit_code == 0 and out == b"hi\n"
+    info = (stage / PARENT).lstat()
+    assert os.path.isdir(stage / PARENT) and not os.path.islink(stage / PARENT)
+    assert (info.st_uid, info.st_mode & 0o777) == (0, 0o700)
+    assert sorted(p.name for p in victim.iterdir()) == ["file"]
+    assert (victim / "file").read_text() == "precious"
 
 
 def test_a_stage_others_can_write_is_refused_unless_sticky(shell, stage):
@@ -150,6 +166,33 @@ def test_a_stage_others_can_write_is_refused_unless_sticky(shell, stage):
     missing = stage / "nowhere"
     _, header, _ = run_wrapper(shell, missing, ["true"])
     assert header is not None and header.message == f"stage: the guest has no folder {missing}"
+
+
+def test_a_sticky_stage_must_still_be_roots(shell, stage):
+    os.chown(stage, 65534, 65534)  # its owner may move anything in it
+    _, header, _ = run_wrapper(shell, stage, ["true"])
+    assert header is not None and header.message == f"stage: {stage} is not root's"
+
+
+def test_every_folder_above_a_chosen_stage_must_be_safe(shell, tmp_path):
+    """A root folder inside another user's folder is not safe: they can move it away. Nor is
+    a symlink of theirs that points at a good folder."""
+    theirs = tmp_path / "theirs"
+    (theirs / "stage").mkdir(parents=True)
+    os.chown(theirs, 65534, 65534)
+    _, header, _ = run_wrapper(shell, theirs / "stage", ["true"], ancestors=True)
+    assert header is not None and header.mode == "failed", header
+    assert "a folder on the way to" in header.message
+    good = tmp_path / "good"
+    good.mkdir(mode=0o755)
+    link = tmp_path / "link"
+    os.symlink(good, link)
+    os.chown(link, 65534, 65534, follow_symlinks=False)
+    _, header, _ = run_wrapper(shell, link, ["true"], ancestors=True)
+    assert header is not None and header.mode == "failed", header
+    os.chown(link, 0, 0, follow_symlinks=False)
+    _, header, out = run_wrapper(shell, link, ["echo", "ok"], ancestors=True)
+    assert header is not None and header.exit_code == 0 and out == b"ok\n", header
 
 
 def test_a_full_stage_is_reported_not_passed_off_as_success(shell, tmp_path):
@@ -172,29 +215,35 @@ def test_folders_a_crash_brought_back_are_removed(shell, stage):
     the next run removes folders of other boots (and leaves those of this boot alone)."""
     boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     folders = {"old": "0000-earlier-boot", "live": boot, "starting": None, "emptied": None}
+    (stage / PARENT).mkdir(mode=0o700)
     for name, recorded in folders.items():
-        folder = stage / f".ozone-exec-{name}"
+        folder = stage / PARENT / name
         folder.mkdir(mode=0o700)
         if recorded is not None:
             (folder / f"boot-{recorded}").touch()
     a_while_ago = time.time() - 120
-    os.utime(stage / ".ozone-exec-emptied", (a_while_ago, a_while_ago))
+    os.utime(stage / PARENT / "emptied", (a_while_ago, a_while_ago))
     _, header, _ = run_wrapper(shell, stage, ["true"])
     assert header is not None and header.exit_code == 0
-    assert sorted(p.name for p in stage.iterdir()) == [".ozone-exec-live", ".ozone-exec-starting"]
+    assert sorted(p.name for p in (stage / PARENT).iterdir()) == ["live", "starting"]
 
 
-def test_arguments_from_a_file(shell, stage):
+def test_arguments_from_a_file(shell, stage, tmp_path):
     folder = stage / FOLDER
-    folder.mkdir(mode=0o700)
-    argv = ["printf", "%s|", "it's", 'a "b"', "$HOME", "x" * 70000]
+    folder.mkdir(mode=0o700, parents=True)
+    (stage / PARENT).chmod(0o700)
+    tools = tmp_path / "bin"  # the program's own PATH, which the wrapper must not use itself
+    tools.mkdir()
+    (tools / "mytool").write_text("#!/bin/sh\nprintf '%s|' \"$@\"\n")
+    (tools / "mytool").chmod(0o755)
+    argv = ["mytool", "it's", 'a "b"', "$HOME", "x" * 70000]
     lines = ["set -- " + " ".join(execute._shell_quote(a) for a in argv)]
-    lines.append("export " + execute._shell_quote("GREETING=hello 'you'"))
+    lines.append("export " + execute._shell_quote(f"PATH={tools}"))
     (folder / "args").write_text("\n".join(lines) + "\n")
     _, header, out = run_wrapper(shell, stage, [], argfile=True, limit=1 << 20)
     assert header is not None and header.exit_code == 0, out
-    assert out == "|".join(argv[2:]).encode() + b"|"
-    assert list(stage.iterdir()) == []
+    assert out == "|".join(argv[1:]).encode() + b"|"
+    assert list((stage / PARENT).iterdir()) == []
 
 
 def test_another_users_program_can_reopen_its_output(shell, stage):
@@ -203,7 +252,7 @@ def test_another_users_program_can_reopen_its_output(shell, stage):
     assert header is not None and header.exit_code == 0, (header, proc.stderr)
     assert out.decode().splitlines() == ["nobody", "to-stdout", "/nonexistent"]
     assert proc.stderr == b"to-stderr\n"
-    assert list(stage.iterdir()) == []
+    assert list((stage / PARENT).iterdir()) == []
 
 
 @pytest.mark.parametrize(
