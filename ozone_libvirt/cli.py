@@ -815,7 +815,6 @@ def run_(
 
     exec_options = _exec_options(env, cwd, user, timeout, interactive, stage_dir)
     cfg = _run_config(config)
-    exec_options["stage_dir"] = stage_dir or cfg.stage_dir
     options = runner.RunOptions(
         keep=keep,
         use_cache=not no_cache,

@@ -497,6 +497,7 @@ class _StdinFeeder:
         self.next_chunk = 0
         self.outstanding: collections.deque[int] = collections.deque()
         self.done = False
+        self.error: str | None = None  # reading the host's stdin failed
         self.chunks: queue.Queue[bytes] = queue.Queue(maxsize=2)
         if isinstance(source, bytes | bytearray | memoryview):
             data = bytes(source)
@@ -521,8 +522,8 @@ class _StdinFeeder:
                 if not piece:
                     break
                 self.chunks.put(piece)
-        except (OSError, ValueError):
-            pass  # closed or unreadable stdin ends the input
+        except (OSError, ValueError) as err:  # the program must not take half its input
+            self.error = str(getattr(err, "strerror", None) or err)
         self.chunks.put(b"")
 
     def step(self) -> bool:
@@ -543,6 +544,8 @@ class _StdinFeeder:
         except queue.Empty:
             return False
         if not piece:
+            if self.error is not None:
+                raise ExecFailed(f"cannot read the standard input: {self.error}")
             self._announce("eof")
             self.done = True
             return True

@@ -230,6 +230,7 @@ def run(
     run ``argv`` in it as :func:`execute.run` does, remove the VM and its overlays (also on
     errors, timeouts and Ctrl-C). Returns the program's exit status."""
     execute.check_argv(argv, exec_options.get("env"))
+    exec_options["stage_dir"] = exec_options.get("stage_dir") or config.stage_dir
     execute.check_options(execute.ExecOptions(timeout=exec_options.get("timeout")))
     facts = host_facts(conn)
     dx.check_machine(config, facts)

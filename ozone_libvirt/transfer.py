@@ -52,7 +52,12 @@ STALE_AFTER = 10.0  # seconds: a host part file younger than this is never judge
 _PREPARE = r"""
 t=$1 n=$2 g=$3
 mine() { [ -h "$1" ] || return 0; set -- $(ls -ldn -- "$1"); [ "$3" = 0 ]; }
-mine "$t" || { echo "$t is a symlink of another user's"; exit 1; }
+x=$t
+while [ -n "$x" ]; do  # no symlink of another user's on the way (nor at the end)
+  x=${x%/}
+  mine "$x" || { echo "$x is a symlink of another user's"; exit 1; }
+  x=${x%/*}
+done
 case $t in */) t=$t$n ;; *) [ -d "$t" ] && t=$t/$n ;; esac
 mine "$t" || { echo "$t is a symlink of another user's"; exit 1; }
 d=${t%/*}
@@ -242,17 +247,23 @@ def copy_to_guest(
             detail = finished.stderr.decode(errors="replace").strip()
             raise OzoneError(f"cannot write {agent.name}:{target}: {detail}")
     except BaseException as err:
-        if "path" in lease.data:
-            with contextlib.suppress(OzoneError):
-                agent.script(_DISCARD, lease.data["path"])
-        if isinstance(err, OSError):
-            lease.release()
-            raise OzoneError(f"cannot read {source}: {err.strerror}") from None
-        if not isinstance(err, OzoneError) or agent.answers(timeout=1):
+        if _discarded(agent, lease.data.get("path")):
             lease.release()  # else the guest may hold debris: gc, or the next cp, removes it
+        if isinstance(err, OSError):
+            raise OzoneError(f"cannot read {source}: {err.strerror}") from None
         raise
     lease.release()
     return CopyResult(str(source), f"{agent.name}:{target}", sent)
+
+
+def _discarded(agent: Agent, folder: str | None) -> bool:
+    """Remove a copy's private folder in the guest; False if that could not be done."""
+    if folder is None:
+        return True
+    try:
+        return agent.script(_DISCARD, folder).exit_code == 0
+    except OzoneError:
+        return False
 
 
 def _send(agent: Agent, source: Path, path: str, progress: Progress | None) -> int:

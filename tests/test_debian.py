@@ -109,22 +109,24 @@ def test_output_is_staged_in_var_tmp_on_disk(debian):
         debian, 'readlink /proc/$$/fd/1; findmnt -no FSTYPE -T "$(readlink /proc/$$/fd/1)"'
     )
     path, fstype = where.split()
-    assert path.startswith("/var/tmp/.ozone-exec-") and path.endswith("/out")
+    assert path.startswith("/var/tmp/.ozone-exec/") and path.endswith("/out")
     assert fstype == "ext4"
 
 
 def test_other_users_cannot_reach_a_users_staged_io(debian):
-    script = r"""
-d=$(readlink /proc/$$/fd/1); d=${d%/*}
-stat -c '%U %a' "$d"
-stat -L -c '%U %a' /proc/$$/fd/1 /proc/$$/fd/0
-"""
+    """builder's program owns its output and stdin (it may reopen them); the folders are
+    root's, mode 0700, and user `other` reaches nothing in them."""
+    script = "stat -L -c '%U %a' /proc/$$/fd/1 /proc/$$/fd/0; readlink /proc/$$/fd/1"
     proc = oz_exec(debian, "bash", "-c", script, options=("-i", "-u", "builder"), input=b"x")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.decode().splitlines() == ["root 700", "builder 600", "builder 600"]
+    out, stdin, where = proc.stdout.decode().splitlines()
+    assert (out, stdin) == ("builder 600", "builder 600")
+    assert where.startswith("/var/tmp/.ozone-exec/")
+    assert guest_sh(debian, "stat -c '%U %a' /var/tmp/.ozone-exec") == "root 700\n"
     probe = r"""
 d=$(readlink /proc/$$/fd/1); d=${d%/*}
-runuser -u other -- sh -c "ls $d; cat $d/out; echo evil >$d/in.0" 2>&1 | sed 's/.*: //' | sort -u
+runuser -u other -- sh -c "ls ${d%/*}; ls $d; cat $d/out; echo evil >$d/in.0" 2>&1 |
+  sed 's/.*: //' | sort -u
 """
     proc = oz_exec(debian, "bash", "-c", probe)
     assert proc.stdout.decode().split("\n")[:-1] == ["Permission denied"]

@@ -139,7 +139,7 @@ def test_planted_symlinks_never_redirect_roots_writes(guest, tmp_path):
             timeout=30,
             what="the planter to stop",
         )
-        guest_sh(guest, "find /tmp /var/tmp -maxdepth 1 -user ozone -exec rm -f {} +")
+        guest_sh(guest, "find /tmp /var/tmp -maxdepth 1 -user ozone -exec rm -rf {} +")
     assert guest_sh(guest, "cat /root/victim; echo 1 >/proc/sys/fs/protected_symlinks") == (
         "precious\n"
     )
@@ -226,9 +226,9 @@ def test_the_stage_folder_comes_from_the_config(vms):
     ok(run_ozone("define", str(path)))
     ok(run_ozone("start", name, "--wait"))
     where = oz_exec(name, "sh", "-c", "readlink /proc/$$/fd/1")
-    assert where.stdout.decode().startswith("/run/.ozone-exec-"), where
+    assert where.stdout.decode().startswith("/run/.ozone-exec/"), where
     where = oz_exec(name, "sh", "-c", "readlink /proc/$$/fd/1", options=("--stage-dir", "/tmp"))
-    assert where.stdout.decode().startswith("/tmp/.ozone-exec-")
+    assert where.stdout.decode().startswith("/tmp/.ozone-exec/")
 
 
 # --- faults -----------------------------------------------------------------------------------
