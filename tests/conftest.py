@@ -8,6 +8,7 @@ is a test failure with a hint, never a silent skip.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import json
 import os
@@ -281,3 +282,73 @@ def leftovers(guest: str, folders: str = "/var/tmp /tmp") -> list[str]:
         " ls -A $d | grep '^[.]ozone-cp-'; done | sort -u || true"
     )
     return guest_sh(guest, script).split()
+
+
+# a user plants a link to /root/victim at every name ozone uses in each ozone folder it can
+# see, tries to make folders of its own where ozone's go, and plants links next to ozone's
+# folders (as the old flat names were), for up to 60 s
+PLANTER = r"""
+end=$(($(date +%s) + 60))
+while [ "$(date +%s)" -lt $end ]; do
+  for d in /tmp/.ozone-* /var/tmp/.ozone-* /tmp/.ozone-exec/* /var/tmp/.ozone-exec/*; do
+    [ -d "$d" ] && [ ! -h "$d" ] || continue
+    for f in in in.0 in.1 ctl out err stream data args probe; do
+      ln -s /root/victim "$d/$f"
+      ln -s /root/victim "$d.$f"
+    done
+    mkdir "$d/x" "${d%/*}/planted"
+  done 2>/dev/null
+  sleep 0.02 2>/dev/null || usleep 20000
+done
+"""
+
+
+def transfers_despite_a_planter(guest: str, tmp_path: Path, *, attacker: str) -> None:
+    """With fs.protected_symlinks=0, `attacker` runs PLANTER while root streams 3 MiB of stdin
+    into a program and copies a file into /tmp: both arrive intact, /root/victim (root's)
+    stays as it was, and nothing is left behind."""
+    guest_sh(
+        guest, "echo 0 >/proc/sys/fs/protected_symlinks; umask 077; echo precious >/root/victim"
+    )
+    planter = subprocess.Popen(
+        ozone_cmd("exec", "-u", attacker, guest, "--", "sh", "-c", PLANTER),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=ozone_env(),
+    )
+    data = os.urandom(3 << 20)
+    digest = hashlib.md5(data).hexdigest()
+    try:
+        proc = oz_exec(guest, "md5sum", options=("-i",), input=data)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split()[0].decode() == digest
+        source = tmp_path / "payload"
+        source.write_bytes(data)
+        copied = run_ozone("cp", str(source), f"{guest}:/tmp/")
+        assert copied.returncode == 0, copied.stderr
+        assert guest_sh(guest, "md5sum </tmp/payload; rm /tmp/payload").split()[0] == digest
+    finally:
+        planter.kill()
+        planter.wait()
+        kill = f"kill $(ps -o pid,user | awk '$2 == \"{attacker}\" {{print $1}}') 2>/dev/null; true"
+        guest_sh(guest, kill)
+        wait_until(
+            lambda: attacker not in guest_sh(guest, "ps -o user | sort -u"),
+            timeout=30,
+            what="the planter to stop",
+        )
+        guest_sh(guest, f"find /tmp /var/tmp -maxdepth 1 -user {attacker} -exec rm -rf {{}} +")
+    assert guest_sh(guest, "cat /root/victim; echo 1 >/proc/sys/fs/protected_symlinks") == (
+        "precious\n"
+    )
+    guest_sh(guest, "rm -f /root/victim")
+    assert leftovers(guest) == []
+
+
+@pytest.fixture
+def run_env(workdir: Path) -> dict[str, str]:
+    """A boot cache and run folder of this test's own (for `ozone run`)."""
+    cache, runs = workdir / "cache", workdir / "runs"
+    for folder in (cache, runs):
+        folder.mkdir(mode=0o755)
+    return ozone_env(OZONE_CACHE_DIR=str(cache), OZONE_RUN_DIR=str(runs))

@@ -15,18 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import GUEST_DIR, ozone_env, remove_domain, run_ozone, virsh
+from .conftest import GUEST_DIR, remove_domain, run_ozone, virsh
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest]
 
 
 @pytest.fixture
-def env(workdir: Path) -> dict[str, str]:
-    """A boot cache and run folder of this test's own."""
-    cache, runs = workdir / "cache", workdir / "runs"
-    for folder in (cache, runs):
-        folder.mkdir(mode=0o755)
-    return ozone_env(OZONE_CACHE_DIR=str(cache), OZONE_RUN_DIR=str(runs))
+def env(run_env: dict[str, str]) -> dict[str, str]:
+    return run_env
 
 
 @pytest.fixture

@@ -31,6 +31,7 @@ from .conftest import (
     remove_domain,
     run_ozone,
     running_guest,
+    transfers_despite_a_planter,
     virsh,
     wait_until,
 )
@@ -85,66 +86,8 @@ def test_a_programs_user_owns_its_output_and_stdin(guest):
     assert proc.stdout.decode().split() == ["1000", "1000"]
 
 
-# user `ozone` plants a link to /root/victim at every name ozone uses in each ozone folder it
-# sees, tries to make run folders of its own where ozone's go, and plants links next to
-# ozone's folders (as the old flat names were), for up to 60 s
-PLANTER = r"""
-end=$(($(date +%s) + 60))
-while [ "$(date +%s)" -lt $end ]; do
-  for d in /tmp/.ozone-* /var/tmp/.ozone-* /tmp/.ozone-exec/* /var/tmp/.ozone-exec/*; do
-    [ -d "$d" ] && [ ! -h "$d" ] || continue
-    for f in in in.0 in.1 ctl out err stream data args probe; do
-      ln -s /root/victim "$d/$f"
-      ln -s /root/victim "$d.$f"
-    done
-    mkdir "$d/x" "${d%/*}/planted"
-  done 2>/dev/null
-  usleep 20000
-done
-"""
-
-
 def test_planted_symlinks_never_redirect_roots_writes(guest, tmp_path):
-    """With fs.protected_symlinks=0, user `ozone` plants symlinks to a root-only file at
-    every ozone name it can see, over and over, while root streams stdin into a program and
-    copies a file in: root's file stays as it was, and both transfers arrive intact."""
-    guest_sh(
-        guest,
-        "echo 0 >/proc/sys/fs/protected_symlinks; umask 077; echo precious >/root/victim",
-    )
-    planter = subprocess.Popen(
-        ozone_cmd("exec", "-u", "ozone", guest, "--", "sh", "-c", PLANTER),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=ozone_env(),
-    )
-    try:
-        data = os.urandom(3 * MiB)
-        proc = oz_exec(guest, "md5sum", options=("-i",), input=data)
-        assert proc.returncode == 0, proc.stderr
-        assert proc.stdout.split()[0].decode() == hashlib.md5(data).hexdigest()
-        source = tmp_path / "payload"
-        source.write_bytes(data)
-        ok(run_ozone("cp", str(source), f"{guest}:/tmp/"))
-        copied = guest_sh(guest, "md5sum /tmp/payload; rm /tmp/payload").split()[0]
-        assert copied == hashlib.md5(data).hexdigest()
-    finally:
-        planter.kill()
-        planter.wait()
-        guest_sh(
-            guest, "kill $(ps -o pid,user | awk '$2 == \"ozone\" {print $1}') 2>/dev/null; true"
-        )
-        wait_until(
-            lambda: "ozone" not in guest_sh(guest, "ps -o user | sort -u"),
-            timeout=30,
-            what="the planter to stop",
-        )
-        guest_sh(guest, "find /tmp /var/tmp -maxdepth 1 -user ozone -exec rm -rf {} +")
-    assert guest_sh(guest, "cat /root/victim; echo 1 >/proc/sys/fs/protected_symlinks") == (
-        "precious\n"
-    )
-    guest_sh(guest, "rm -f /root/victim")
-    assert leftovers(guest) == []
+    transfers_despite_a_planter(guest, tmp_path, attacker="ozone")
 
 
 def test_a_copy_into_a_users_folder_is_staged_where_only_root_can_write(guest, tmp_path):
@@ -455,14 +398,6 @@ def test_remove_storage_refuses_isos_and_device_nodes(vms, workdir, kind):
 
 
 @pytest.fixture
-def run_env(workdir: Path) -> dict[str, str]:
-    cache, runs = workdir / "cache", workdir / "runs"
-    for folder in (cache, runs):
-        folder.mkdir(mode=0o755)
-    return ozone_env(OZONE_CACHE_DIR=str(cache), OZONE_RUN_DIR=str(runs))
-
-
-@pytest.fixture
 def run_config(vms, workdir: Path) -> Iterator[tuple[str, Path]]:
     iso = workdir / "guest.iso"
     iso.write_bytes((GUEST_DIR / "ozone-guest.iso").read_bytes())
@@ -483,19 +418,25 @@ def run_leftovers(name: str, env: dict[str, str]) -> list[str]:
     return domains + os.listdir(env["OZONE_RUN_DIR"])
 
 
-def test_gc_removes_what_a_killed_run_left(run_config, run_env):
-    name, path = run_config
+def started_run(path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """An `ozone run` whose program has started (and sleeps)."""
     child = subprocess.Popen(
         ozone_cmd("run", "--no-cache", str(path), "--", "sh", "-c", "echo ready; sleep 300"),
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=run_env,
+        stderr=subprocess.PIPE,
+        env=env,
     )
-    try:
-        assert child.stdout.readline() == b"ready\n"
-    finally:
+    if child.stdout.readline() != b"ready\n":
         child.kill()
-        child.wait()
+        pytest.fail(f"ozone run did not start: {child.communicate()[1].decode()}")
+    return child
+
+
+def test_gc_removes_what_a_killed_run_left(run_config, run_env):
+    name, path = run_config
+    child = started_run(path, run_env)
+    child.kill()
+    child.wait()
     left = run_leftovers(name, run_env)
     assert len(left) == 2, left  # its VM and its overlay folder
     dry = as_json("gc", "--dry-run", env=run_env)
@@ -508,24 +449,12 @@ def test_gc_removes_what_a_killed_run_left(run_config, run_env):
 
 def test_the_next_run_reaps_a_killed_run_and_sigterm_exits_143(run_config, run_env):
     name, path = run_config
-    child = subprocess.Popen(
-        ozone_cmd("run", "--no-cache", str(path), "--", "sh", "-c", "echo ready; sleep 300"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=run_env,
-    )
-    assert child.stdout.readline() == b"ready\n"
+    child = started_run(path, run_env)
     child.kill()
     child.wait()
     assert len(run_leftovers(name, run_env)) == 2
-    second = subprocess.Popen(
-        ozone_cmd("run", "--no-cache", str(path), "--", "sh", "-c", "echo ready; sleep 300"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=run_env,
-    )
+    second = started_run(path, run_env)
     try:
-        assert second.stdout.readline() == b"ready\n"
         assert len(run_leftovers(name, run_env)) == 2, "the dead run's VM is still there"
         second.terminate()
         assert second.wait(timeout=120) == 143
