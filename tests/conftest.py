@@ -330,10 +330,12 @@ def transfers_despite_a_planter(guest: str, tmp_path: Path, *, attacker: str) ->
     finally:
         planter.kill()
         planter.wait()
-        kill = f"kill $(ps -o pid,user | awk '$2 == \"{attacker}\" {{print $1}}') 2>/dev/null; true"
-        guest_sh(guest, kill)
+        # every process (procps wants -A; busybox lists them all and knows no -A)
+        ps = "{ ps -A -o pid,user 2>/dev/null || ps -o pid,user; }"
+        pids = f"{ps} | awk '$2 == \"{attacker}\" {{print $1}}'"
+        guest_sh(guest, f"kill $({pids}) 2>/dev/null; true")
         wait_until(
-            lambda: attacker not in guest_sh(guest, "ps -o user | sort -u"),
+            lambda: not guest_sh(guest, pids).split(),
             timeout=30,
             what="the planter to stop",
         )
