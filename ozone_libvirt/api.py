@@ -50,6 +50,7 @@ class VM:
         self._own = conn is None
         self.conn = conn if conn is not None else open_connection(uri)
         self._agent: Agent | None = None
+        self._stage: str | None = None
 
     def __enter__(self) -> VM:
         return self
@@ -68,8 +69,11 @@ class VM:
         return self._agent
 
     def _stage_dir(self) -> str | None:
-        meta = domain_metadata(self.agent.dom, defined=True)
-        return meta.stage_dir if meta else None
+        """The VM's own stage folder (read once: the VM's config rarely changes under us)."""
+        if self._stage is None:
+            meta = domain_metadata(self.agent.dom, defined=True)
+            self._stage = (meta.stage_dir if meta else None) or ""
+        return self._stage or None
 
     # --- lifecycle ---------------------------------------------------------------------
 

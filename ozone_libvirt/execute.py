@@ -209,7 +209,8 @@ r=$?
 kill "$f"
 """
 )
-# After the program: can the stage still take a byte? (A full one made the program's writes
+# After the program: can the stage still take a byte (appended to the boot file, which then
+# needs a block of its own)? (A full one made the program's writes
 # fail: its output may be incomplete.) A user's writes stop at the reserved blocks, which
 # root may still use: for --user, df says whether any room is left for users. The output is
 # measured and read through the wrapper's own descriptors, which hold it even if the program
@@ -217,7 +218,7 @@ kill "$f"
 _TAIL = """m=captured
 [ -e "$p/stream" ] && m=streamed
 x=
-printf x >>"$p/probe" || { [ -d "$p" ] && x=full; }
+printf x >>"$p/boot-$b" || { [ -d "$p" ] && x=full; }
 ROOM
 if [ -n "$x" ]; then
   set -- $(df -Pk -- "$p")

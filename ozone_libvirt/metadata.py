@@ -1,20 +1,19 @@
 """ozone's facts about a VM, kept in its domain's ``<metadata>`` under ozone's namespace.
 
-Pure: parsing only (with the standard library's ElementTree, which `ozone exec` can afford
-to import; lxml costs it 50 ms). :mod:`.domain_xml` writes the element,
-:func:`.connection.domain_metadata` reads it from libvirt.
+Pure: parsing only. :mod:`.domain_xml` writes the element, :func:`.connection.domain_metadata`
+reads it from libvirt.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
 OZONE_PREFIX = "ozone"
+_FIELDS = ("source", "hash", "qmp", "stage-dir")
 
 
-@dataclass(frozen=True)
-class OzoneMetadata:
+class OzoneMetadata(NamedTuple):
     source: str | None  # the config file the VM was defined from
     hash: str | None  # of the normalised config
     qmp_endpoint: QmpEndpoint | None  # the QMP passthrough endpoint given to QEMU
@@ -27,33 +26,57 @@ class OzoneMetadata:
 
 def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
     """ozone's metadata from a domain XML, or from the ``<ozone:vm>`` element alone (which
-    is what ``virDomainGetMetadata`` returns)."""
+    is what ``virDomainGetMetadata`` returns). With the expat parser alone: no tree, no
+    ElementTree import (`ozone exec` and `ozone list` read metadata on every run)."""
     if not xml:
         return None
-    from xml.etree import ElementTree
+    import pyexpat
 
-    root = ElementTree.fromstring(xml)
-    ns = f"{{{OZONE_NS}}}"
-    vm = root if root.tag in ("vm", ns + "vm") else root.find(f"metadata/{ns}vm")
-    if vm is None:
+    parser = pyexpat.ParserCreate(namespace_separator=" ")
+    path: list[str] = []  # element names from the root down, namespace dropped
+    vm_depth: int | None = None
+    texts: dict[str, str] = {}
+    port_auto = False
+
+    def start(name: str, attrs: dict[str, str]) -> None:
+        nonlocal vm_depth, port_auto
+        namespace, _, tag = name.rpartition(" ")
+        path.append(tag)
+        at_vm = path in (["vm"], ["domain", "metadata", "vm"])
+        if vm_depth is None and at_vm and namespace in ("", OZONE_NS):
+            vm_depth = len(path)
+        elif vm_depth is not None and len(path) == vm_depth + 1 and tag in _FIELDS:
+            texts.setdefault(tag, "")
+            port_auto = port_auto or (tag == "qmp" and attrs.get("port") == "auto")
+
+    def end(_name: str) -> None:
+        nonlocal vm_depth
+        if vm_depth is not None and len(path) == vm_depth:
+            vm_depth = -1  # done: later elements of that name are not ours
+        path.pop()
+
+    def data(text: str) -> None:
+        if vm_depth is not None and vm_depth > 0 and len(path) == vm_depth + 1:
+            tag = path[-1]
+            if tag in texts:
+                texts[tag] += text
+
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = data
+    parser.Parse(xml, True)
+    if vm_depth is None:
         return None
-    prefix = ns if vm.tag.startswith("{") else ""
-
-    def text(tag: str) -> str | None:
-        el = vm.find(prefix + tag)
-        return el.text if el is not None else None
-
-    qmp = vm.find(prefix + "qmp")
-    endpoint = None
-    if qmp is not None and qmp.text:
-        endpoint = QmpEndpoint.parse(qmp.text, auto=qmp.get("port") == "auto")
+    qmp = texts.get("qmp")
     return OzoneMetadata(
-        source=text("source"), hash=text("hash"), qmp_endpoint=endpoint, stage_dir=text("stage-dir")
+        source=texts.get("source") or None,
+        hash=texts.get("hash") or None,
+        qmp_endpoint=QmpEndpoint.parse(qmp, auto=port_auto) if qmp else None,
+        stage_dir=texts.get("stage-dir") or None,
     )
 
 
-@dataclass(frozen=True)
-class QmpEndpoint:
+class QmpEndpoint(NamedTuple):
     """Where QEMU serves a VM's QMP passthrough: a loopback (or, when a config says so, any)
     TCP port, or a unix socket. ``auto``: ozone chose the TCP port (and may move it when
     another program takes it); the metadata records this as ``port="auto"``."""
@@ -77,7 +100,7 @@ class QmpEndpoint:
         if kind == "unix" and rest:
             return cls("unix", path=rest)
         host, _, port = rest.rpartition(":")
-        if kind == "tcp" and host and port.isdigit():
+        if kind == "tcp" and host and port.isascii() and port.isdigit():
             return cls("tcp", host=host.strip("[]"), port=int(port), auto=auto)
         return None
 
