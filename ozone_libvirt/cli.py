@@ -325,10 +325,10 @@ def list_(
     as_json: JsonOpt = False,
 ) -> None:
     """List ozone's VMs: name, state, vCPUs, memory, QMP endpoint."""
-    from . import vm
+    from . import inventory
 
     with connection() as conn:
-        vms = vm.list_vms(conn, all_domains=all_)
+        vms = inventory.list_vms(conn, all_domains=all_)
     if as_json:
         output.emit_json([v.to_dict() for v in vms])
         return
