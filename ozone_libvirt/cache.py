@@ -152,6 +152,7 @@ class CacheEntryInfo:
     slots: int  # filled
     bytes: int
     age_s: float
+    files: list[str] = dataclasses.field(default_factory=list)  # what its key covers
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -180,6 +181,7 @@ def list_cache() -> list[CacheEntryInfo]:
                 slots=slots,
                 bytes=size,
                 age_s=round(time.time() - info.get("created", time.time()), 1),
+                files=sorted(info.get("parts", {}).get("files", {})),
             )
         )
     return entries
@@ -190,6 +192,7 @@ def clear_cache(
     *,
     config: str | None = None,
     except_key: str | None = None,
+    keys: set[str] | None = None,
 ) -> list[str]:
     """Remove entries (those of one config file, when given) that no run is using, and
     (given a connection) that no VM kept with --keep still runs on. Runs that died are
@@ -200,7 +203,7 @@ def clear_cache(
 
         reap_runs(conn)
     for entry in list_cache():
-        if entry.key == except_key:
+        if entry.key == except_key or (keys is not None and entry.key not in keys):
             continue
         if config is not None and entry.config != config and entry.name != config:
             continue

@@ -128,13 +128,21 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
     from . import vm
 
     cfg = load(config)
-    with connection() as conn:
-        result = vm.define(conn, cfg)
+    with (
+        connection() as conn,
+        output.activity(f"Defining {cfg.name}:", enabled=not as_json) as (
+            report,
+            advance,
+        ),
+    ):
+        result = vm.define(conn, cfg, report=report, progress=advance)
     if as_json:
         output.emit_json(result.__dict__)
         return
     verb = "Defined" if result.created else "Updated"
     output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
+    for made in result.images_made:
+        output.info(f"made {made}")
     for disk in result.disks_created:
         output.info(f"created disk {disk}")
     for note in result.notes:
@@ -178,7 +186,8 @@ def start(
             if path is not None:
                 from .config import load_config
 
-                vm.define(conn, load_config(path))
+                with output.activity(f"Defining {name}:", enabled=not as_json) as steps:
+                    vm.define(conn, load_config(path), report=steps[0], progress=steps[1])
                 output.info(f"defined {name} from {path}")
         with progress(f"Starting {name}…", as_json):
             result = vm.start(conn, name)
@@ -376,8 +385,9 @@ def xml(
     else:
         from . import domain_xml as dx
         from .connection import local_host_facts
+        from .images import resolve
 
-        cfg = load(config)
+        cfg = resolve(load(config)).config
         facts = local_host_facts()
         qmp = dx.planned_qmp(cfg, facts)
         text = dx.to_string(dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp))
@@ -870,6 +880,107 @@ def cache_clear(
         output.emit_json({"removed": removed})
     else:
         output.emit(f"Removed {len(removed)} boot cache entr{'y' if len(removed) == 1 else 'ies'}")
+
+
+image_app = typer.Typer(
+    help="The image store: base images built from Debian packages or downloaded.",
+    no_args_is_help=True,
+)
+app.add_typer(image_app, name="image")
+
+
+def _obtained(result: Any, as_json: bool, verb: str) -> None:
+    if as_json:
+        output.emit_json(result.to_dict())
+    elif result.made:
+        output.emit(f"{verb} {result.id} in {result.seconds:.1f} s: {result.path}")
+    else:
+        output.emit(f"{result.id} is in the store: {result.path}")
+
+
+@image_app.command("build")
+@handles_errors
+def image_build(config: ConfigArg, as_json: JsonOpt = False) -> None:
+    """Build the image a config names (image: {debian: SUITE, packages: [...]}) unless the
+    store has it."""
+    from . import images
+
+    cfg = load(config)
+    with connection() as conn, output.activity("Building:", enabled=not as_json) as steps:
+        result = images.build_config_image(conn, cfg, report=steps[0])
+    _obtained(result, as_json, "built")
+
+
+@image_app.command("pull")
+@handles_errors
+def image_pull(
+    source: Annotated[str, typer.Argument(help="A URL (http, https, file) or a catalogue name.")],
+    sha256: Annotated[str | None, typer.Option(help="The image's SHA-256.")] = None,
+    sha512: Annotated[str | None, typer.Option(help="The image's SHA-512.")] = None,
+    checksum_url: Annotated[
+        str | None, typer.Option(help="A SHA256SUMS/SHA512SUMS file naming the image.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Download an image into the store, verified, unless the store has it. Names:
+    debian-12, debian-13, ubuntu-22.04, ubuntu-24.04."""
+    from . import images
+
+    with connection() as conn, output.activity("Pulling:", enabled=not as_json) as steps:
+        result = images.pull_image(
+            conn,
+            source,
+            sha256=sha256,
+            sha512=sha512,
+            checksum_url=checksum_url,
+            report=steps[0],
+            progress=steps[1],
+        )
+    _obtained(result, as_json, "pulled")
+
+
+@image_app.command("list")
+@handles_errors
+def image_list(as_json: JsonOpt = False) -> None:
+    """Show the store's images: id, source, size on disk, VMs using them, age."""
+    import time
+
+    from . import images
+    from .units import human_size
+
+    with connection() as conn:
+        found = images.list_images(conn)
+    if as_json:
+        output.emit_json([i.to_dict() for i in found])
+        return
+    rows = [
+        [
+            i.id,
+            i.source,
+            human_size(i.bytes),
+            ", ".join(i.used_by) or "-",
+            f"{(time.time() - i.created) / 3600:.1f} h",
+        ]
+        for i in found
+    ]
+    output.emit(output.table(["IMAGE", "SOURCE", "SIZE", "USED BY", "AGE"], rows))
+
+
+@image_app.command("rm")
+@handles_errors
+def image_rm(
+    image: Annotated[str, typer.Argument(help="Image id (or a unique prefix, or its name).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Delete an image no VM uses (its boot cache entries go with it)."""
+    from . import images
+
+    with connection() as conn:
+        removed = images.remove_image(conn, image)
+    if as_json:
+        output.emit_json({"removed": removed})
+    else:
+        output.emit("removed " + ", ".join(removed))
 
 
 @app.command()

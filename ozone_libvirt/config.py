@@ -88,9 +88,37 @@ _FORBIDDEN_IN_LINE = re.compile(f"[\t\n\r{_CONTROLS}]")
 TOP_KEYS = (
     "name", "description", "memory", "vcpus", "machine", "accel", "disks", "cdrom", "boot",
     "kernel", "initrd", "cmdline", "serial_log", "agent", "network", "qmp", "graphics",
-    "stage_dir",
+    "stage_dir", "image", "cloud_init",
 )  # fmt: skip
-DISK_KEYS = ("path", "size", "backing", "format", "bus")
+DISK_KEYS = ("path", "size", "backing", "format", "bus", "readonly")
+IMAGE_KEYS = (
+    "debian",
+    "packages",
+    "mirror",
+    "url",
+    "sha256",
+    "sha512",
+    "checksum_url",
+    "name",
+    "size",
+)
+CLOUD_INIT_KEYS = (
+    "hostname", "users", "ssh_authorized_keys", "packages", "write_files", "runcmd", "user_data",
+)  # fmt: skip
+CLOUD_USER_KEYS = ("name", "ssh_authorized_keys", "sudo", "lock_passwd", "shell", "groups")
+WRITE_FILE_KEYS = ("path", "content", "permissions", "owner", "append")
+SUITE_RE = re.compile(r"\A[a-z][a-z0-9-]{1,31}\Z")
+PACKAGE_RE = re.compile(r"\A[a-z0-9][a-z0-9+.-]{0,99}\Z")  # a Debian package name
+USER_RE = re.compile(r"\A[a-z_][a-z0-9_-]{0,31}\Z")
+HEX_RE = {
+    "sha256": re.compile(r"\A[0-9a-fA-F]{64}\Z"),
+    "sha512": re.compile(r"\A[0-9a-fA-F]{128}\Z"),
+}
+SSH_KEY_RE = re.compile(r"\A(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+(?: [ -~]*)?\Z")
+MODE_RE = re.compile(r"\A0?[0-7]{3,4}\Z")
+OWNER_RE = re.compile(r"\A[a-z_][a-z0-9_-]{0,31}(?::[a-z_][a-z0-9_-]{0,31})?\Z")
+URL_RE = re.compile(r"\A(?:https?|file)://[!-~]+\Z")
+MAX_LIST = 256  # packages, users, files, commands
 NETWORK_KEYS = ("type", "source", "model", "mac")
 QMP_KEYS = ("endpoint", "allow_remote")
 
@@ -102,6 +130,56 @@ class Disk:
     backing: Path | None = None
     format: str = "qcow2"
     bus: str = "virtio"
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
+class Image:
+    """The VM's boot disk comes from ozone's image store: an image built from Debian packages
+    (``debian``: a suite), or downloaded (``url`` with a checksum; ``name``: from the
+    catalogue). The VM boots from a qcow2 overlay over it, ``size`` big when given."""
+
+    debian: str | None = None
+    packages: tuple[str, ...] = ()
+    mirror: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    sha512: str | None = None
+    checksum_url: str | None = None
+    name: str | None = None  # the catalogue name the url and checksum_url came from
+    size: int | None = None
+
+
+@dataclass(frozen=True)
+class CloudUser:
+    name: str
+    ssh_authorized_keys: tuple[str, ...] = ()
+    sudo: bool = False
+    lock_passwd: bool = True
+    shell: str | None = None
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class WriteFile:
+    path: str
+    content: str
+    permissions: str | None = None
+    owner: str | None = None
+    append: bool = False
+
+
+@dataclass(frozen=True)
+class CloudInit:
+    """What cloud-init does on the VM's first boot (a NoCloud seed ozone makes)."""
+
+    hostname: str | None = None
+    users: tuple[CloudUser, ...] = ()
+    ssh_authorized_keys: tuple[str, ...] = ()  # for the image's default user
+    packages: tuple[str, ...] = ()
+    write_files: tuple[WriteFile, ...] = ()
+    runcmd: tuple[str | tuple[str, ...], ...] = ()
+    user_data: Path | None = None  # a user-data file of the user's, added as is
 
 
 @dataclass(frozen=True)
@@ -157,6 +235,8 @@ class VMConfig:
     graphics: str = "none"
     description: str | None = None
     stage_dir: str | None = None  # guest folder for `ozone exec` output (None: ozone's default)
+    image: Image | None = None
+    cloud_init: CloudInit | None = None
     source: Path | None = None  # the file this config came from
 
     def to_dict(self) -> dict[str, Any]:
@@ -699,6 +779,7 @@ class _Checker:
             backing=backing,
             format=fmt,
             bus=self.choice(data.get("bus", "virtio"), f"{where}.bus", DISK_BUSES),
+            readonly=self.boolean(data.get("readonly", False), f"{where}.readonly"),
         )
 
     def network(self, value: object, where: str) -> Network:
@@ -802,6 +883,220 @@ class _Checker:
             )
         return Qmp(kind="tcp", host=host, port=port, allow_remote=allow_remote)
 
+    def items(self, value: object, where: str, what: str) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(where, f"expected a list of {what}, got {_describe(value)}")
+        if len(value) > MAX_LIST:
+            raise self.fail(where, f"at most {MAX_LIST} {what}")
+        return value
+
+    def packages(self, value: object, where: str) -> tuple[str, ...]:
+        names = [
+            self.string(v, f"{where}[{i}]", pattern=PACKAGE_RE, expected="a Debian package name")
+            for i, v in enumerate(self.items(value, where, "package names"))
+        ]
+        return tuple(dict.fromkeys(names))
+
+    def url(self, value: object, where: str) -> str:
+        return self.string(
+            value, where, pattern=URL_RE, expected="an http://, https:// or file:// URL"
+        )
+
+    def image(self, value: object, where: str) -> Image:
+        from .catalogue import CATALOGUE
+
+        if isinstance(value, str):
+            value = {"name": value}
+        data = self.mapping(value, where)
+        self.keys(data, IMAGE_KEYS, where)
+        kinds = [k for k in ("debian", "url", "name") if k in data]
+        if len(kinds) != 1:
+            raise self.fail(
+                where,
+                "needs exactly one of debian, url or name"
+                + (f" (got {', '.join(kinds)})" if kinds else ""),
+                hint='e.g. "image": {"debian": "bookworm"}, "image": "debian-12" or '
+                '"image": {"url": "https://...", "sha512": "..."}',
+            )
+        opt: dict[str, Any] = {}
+        if "size" in data:
+            opt["size"] = self.size(data["size"], f"{where}.size", low=1024**3, high=64 * 1024**4)
+        if "debian" in data:
+            for key in ("sha256", "sha512", "checksum_url"):
+                if key in data:
+                    raise self.fail(
+                        f"{where}.{key}", "an image built from packages takes no checksum"
+                    )
+            suite = self.string(
+                data["debian"], f"{where}.debian", pattern=SUITE_RE,
+                expected="a Debian suite like bookworm or trixie",
+            )  # fmt: skip
+            if "packages" in data:
+                opt["packages"] = self.packages(data["packages"], f"{where}.packages")
+            if "mirror" in data:
+                opt["mirror"] = self.string(
+                    data["mirror"], f"{where}.mirror", pattern=URL_RE,
+                    expected="a Debian mirror URL like http://deb.debian.org/debian",
+                )  # fmt: skip
+            return Image(debian=suite, **opt)
+        for key in ("packages", "mirror"):
+            if key in data:
+                raise self.fail(
+                    f"{where}.{key}", "only an image built from packages (debian) takes it"
+                )
+        if "name" in data:
+            name = self.choice(
+                data["name"],
+                f"{where}.name" if isinstance(value, dict) and len(data) > 1 else where,
+                tuple(CATALOGUE),
+            )
+            for key in ("url", "sha256", "sha512", "checksum_url"):
+                if key in data:
+                    raise self.fail(
+                        f"{where}.{key}", f"{name} comes from the catalogue, which gives its {key}"
+                    )
+            entry = CATALOGUE[name]
+            return Image(name=name, url=entry.url, checksum_url=entry.checksum_url, **opt)
+        url = self.url(data["url"], f"{where}.url")
+        sums = [k for k in ("sha256", "sha512", "checksum_url") if k in data]
+        if len(sums) != 1:
+            raise self.fail(
+                where,
+                "a downloaded image needs exactly one of sha256, sha512 or checksum_url"
+                + (f" (got {', '.join(sums)})" if sums else ""),
+                hint="ozone verifies every download before it enters the image store",
+            )
+        key = sums[0]
+        if key == "checksum_url":
+            opt[key] = self.url(data[key], f"{where}.{key}")
+        else:
+            digits = 64 if key == "sha256" else 128
+            opt[key] = self.string(
+                data[key], f"{where}.{key}", pattern=HEX_RE[key],
+                expected=f"{digits} hexadecimal digits",
+            ).lower()  # fmt: skip
+        return Image(url=url, **opt)
+
+    def one_line(self, value: object, where: str, expected: str) -> str:
+        text = self.string(value, where, expected=expected)
+        if not text.strip():
+            raise self.fail(where, f"expected {expected}, got an empty string")
+        return text
+
+    def ssh_keys(self, value: object, where: str) -> tuple[str, ...]:
+        return tuple(
+            self.string(
+                v, f"{where}[{i}]", pattern=SSH_KEY_RE,
+                expected="an ssh public key line like 'ssh-ed25519 AAAA... comment'",
+            ).strip()
+            for i, v in enumerate(self.items(value, where, "ssh public keys"))
+        )  # fmt: skip
+
+    def cloud_user(self, value: object, where: str) -> CloudUser:
+        if isinstance(value, str):
+            value = {"name": value}
+        data = self.mapping(value, where)
+        self.keys(data, CLOUD_USER_KEYS, where)
+        if "name" not in data:
+            raise self.fail(f"{where}.name", "missing; every user needs a name")
+        user_expected = "a user name like dev (lower case letters, digits, '_', '-')"
+        opt: dict[str, Any] = {}
+        if "ssh_authorized_keys" in data:
+            opt["ssh_authorized_keys"] = self.ssh_keys(
+                data["ssh_authorized_keys"], f"{where}.ssh_authorized_keys"
+            )
+        for key in ("sudo", "lock_passwd"):
+            if key in data:
+                opt[key] = self.boolean(data[key], f"{where}.{key}")
+        if "shell" in data:
+            opt["shell"] = self.guest_dir(data["shell"], f"{where}.shell")
+        if "groups" in data:
+            opt["groups"] = tuple(
+                self.string(g, f"{where}.groups[{i}]", pattern=USER_RE, expected="a group name")
+                for i, g in enumerate(self.items(data["groups"], f"{where}.groups", "groups"))
+            )
+        name = self.string(data["name"], f"{where}.name", pattern=USER_RE, expected=user_expected)
+        return CloudUser(name=name, **opt)
+
+    def write_file(self, value: object, where: str) -> WriteFile:
+        data = self.mapping(value, where)
+        self.keys(data, WRITE_FILE_KEYS, where)
+        for key in ("path", "content"):
+            if key not in data:
+                raise self.fail(f"{where}.{key}", f"missing; every file needs a {key}")
+        path = self.guest_dir(data["path"], f"{where}.path")
+        content = self.string(data["content"], f"{where}.content", multiline=True)
+        opt: dict[str, Any] = {}
+        if "permissions" in data:
+            mode = data["permissions"]
+            opt["permissions"] = self.string(
+                mode, f"{where}.permissions", pattern=MODE_RE,
+                expected='an octal mode in quotes like "0644"',
+            ).rjust(4, "0")  # fmt: skip
+        if "owner" in data:
+            opt["owner"] = self.string(
+                data["owner"], f"{where}.owner", pattern=OWNER_RE, expected="USER or USER:GROUP"
+            )
+        if "append" in data:
+            opt["append"] = self.boolean(data["append"], f"{where}.append")
+        return WriteFile(path=path, content=content, **opt)
+
+    def command(self, value: object, where: str) -> str | tuple[str, ...]:
+        if isinstance(value, str):
+            return self.one_line(value, where, "a shell command")  # one line: YAML-safe
+        args = self.items(value, where, "arguments")
+        if not args:
+            raise self.fail(where, "an empty command")
+        return tuple(
+            self.string(a, f"{where}[{i}]", expected="an argument (a string)")
+            for i, a in enumerate(args)
+        )
+
+    def cloud_init(self, value: object, where: str) -> CloudInit:
+        data = self.mapping(value, where)
+        self.keys(data, CLOUD_INIT_KEYS, where)
+        opt: dict[str, Any] = {}
+        if "hostname" in data:
+            host = self.string(data["hostname"], f"{where}.hostname", expected="a host name")
+            if len(host) > 63 or not _HOST_LABEL_RE.fullmatch(host):
+                raise self.fail(
+                    f"{where}.hostname",
+                    f"{_show(host)} is not a host name; expected 1-63 letters, digits and '-'",
+                )
+            opt["hostname"] = host
+        if "users" in data:
+            users = tuple(
+                self.cloud_user(u, f"{where}.users[{i}]")
+                for i, u in enumerate(self.items(data["users"], f"{where}.users", "users"))
+            )
+            seen: dict[str, int] = {}
+            for i, user in enumerate(users):
+                if user.name in seen:
+                    raise self.fail(f"{where}.users[{i}].name", f"{user.name!r} is listed twice")
+                seen[user.name] = i
+            opt["users"] = users
+        if "ssh_authorized_keys" in data:
+            opt["ssh_authorized_keys"] = self.ssh_keys(
+                data["ssh_authorized_keys"], f"{where}.ssh_authorized_keys"
+            )
+        if "packages" in data:
+            opt["packages"] = self.packages(data["packages"], f"{where}.packages")
+        if "write_files" in data:
+            opt["write_files"] = tuple(
+                self.write_file(f, f"{where}.write_files[{i}]")
+                for i, f in enumerate(
+                    self.items(data["write_files"], f"{where}.write_files", "files")
+                )
+            )
+        if "runcmd" in data:
+            opt["runcmd"] = tuple(
+                self.command(c, f"{where}.runcmd[{i}]")
+                for i, c in enumerate(self.items(data["runcmd"], f"{where}.runcmd", "commands"))
+            )
+        if "user_data" in data:
+            opt["user_data"] = self.path(data["user_data"], f"{where}.user_data")
+        return CloudInit(**opt)
+
     def config(self, raw: object) -> VMConfig:
         if not isinstance(raw, dict):
             # only the type: a config path can be a symlink to a file its reader may not
@@ -864,9 +1159,16 @@ class _Checker:
         for key in ("initrd", "cmdline"):
             if key in data and "kernel" not in data:
                 raise self.fail(key, 'needs a kernel; add "kernel": "path/to/vmlinuz"')
-        boot = self.boot(data.get("boot"), cdrom=cdrom is not None, disks=bool(disks))
-        if not disks and cdrom is None and "kernel" not in data:
-            raise self.fail("disks", "nothing to boot from: give disks, a cdrom or a kernel")
+        if "image" in data:
+            opt["image"] = self.image(data["image"], "image")
+        if "cloud_init" in data:
+            opt["cloud_init"] = self.cloud_init(data["cloud_init"], "cloud_init")
+        has_image = "image" in opt
+        boot = self.boot(data.get("boot"), cdrom=cdrom is not None, disks=bool(disks) or has_image)
+        if not disks and cdrom is None and "kernel" not in data and not has_image:
+            raise self.fail(
+                "disks", "nothing to boot from: give an image, disks, a cdrom or a kernel"
+            )
         if "serial_log" in data:
             opt["serial_log"] = self.path(data["serial_log"], "serial_log")
         if "agent" in data:

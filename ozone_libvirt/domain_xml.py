@@ -209,12 +209,20 @@ def _devices(
     devices: etree._Element = E.devices()
     targets, cdrom_target = _disk_targets(config)
     for disk, target in zip(config.disks, targets, strict=True):
-        element = E.disk(
-            E.driver(name="qemu", type=disk.format, discard="unmap"),
-            E.source(file=str(disk.path)),
-            type="file",
-            device="disk",
-        )
+        if disk.readonly:  # e.g. a cloud-init seed: shared, never written, owner kept
+            element = E.disk(
+                E.driver(name="qemu", type=disk.format),
+                E.source(*_kept_owner(keep_owners), file=str(disk.path)),
+                type="file",
+                device="disk",
+            )
+        else:
+            element = E.disk(
+                E.driver(name="qemu", type=disk.format, discard="unmap"),
+                E.source(file=str(disk.path)),
+                type="file",
+                device="disk",
+            )
         backing_format = backing_formats.get(disk.backing) if disk.backing else None
         if backing_format:
             # the rest of the chain, if any, libvirt finds itself (and keeps its owners too)
@@ -226,6 +234,8 @@ def _devices(
                 )
             )
         element.append(E.target(dev=target, bus=disk.bus))
+        if disk.readonly:
+            element.append(E.readonly())
         devices.append(element)
     if config.cdrom:
         devices.append(

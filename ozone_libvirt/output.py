@@ -79,3 +79,42 @@ def progress_bar(
     with Progress(*columns, TransferSpeedColumn(), console=Console(stderr=True)) as bar:
         task = bar.add_task(text, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+Report = Callable[[str], None]
+Advance = Callable[[int, int | None], None]
+
+
+@contextlib.contextmanager
+def activity(text: str, *, enabled: bool = True) -> Iterator[tuple[Report, Advance]]:
+    """A long operation's progress on stderr (a terminal only): a spinner whose line the
+    first callable replaces, and a byte count with speed the second one sets (done, total)."""
+    if not enabled or not sys.stderr.isatty():
+        yield (lambda _text: None), (lambda _done, _total: None)
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        SpinnerColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(text, total=None)
+        state: dict[str, Any] = {}
+
+        def report(line: str) -> None:
+            bar.update(task, description=f"{text} {line}")
+
+        def advance(done: int, total: int | None) -> None:
+            if "bytes" not in state:
+                state["bytes"] = bar.add_task("", total=total)
+                bar.columns = (*columns, BarColumn(), DownloadColumn(), TransferSpeedColumn())
+            bar.update(state["bytes"], completed=done, total=total)
+
+        yield report, advance

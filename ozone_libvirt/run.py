@@ -91,8 +91,13 @@ def _overlays(config: VMConfig, folder: Path, facts: dx.HostFacts) -> list[Disk]
     disks = []
     for i, disk in enumerate(config.disks):
         target = folder / f"disk{i}.qcow2"
+        if disk.readonly:  # read in place (a cloud-init seed)
+            disks.append(disk)
+            continue
         if disk.path.exists():
-            create_disk(Disk(path=target, backing=disk.path), owner=owner)
+            # the image's boot disk may be bigger than the image (its size)
+            size = disk.size if i == 0 and config.image is not None else None
+            create_disk(Disk(path=target, backing=disk.path, size=size), owner=owner)
         elif disk.size is not None:  # nothing to protect: a blank disk of that size
             create_disk(Disk(path=target, size=disk.size), owner=owner)
         else:
@@ -174,7 +179,7 @@ def fill(
     meta = {
         "name": slot.domain_name,
         "created": time.time(),
-        "disks": {str(d.path): file_identity(d.path) for d in disks},
+        "disks": {str(d.path): file_identity(d.path) for d in disks if not d.readonly},
     }
     slot.meta.write_text(json.dumps(meta, indent=2))
 
@@ -229,13 +234,18 @@ def run(
     """Start a throwaway VM from ``config`` (restored from the boot cache when it can be),
     run ``argv`` in it as :func:`execute.run` does, remove the VM and its overlays (also on
     errors, timeouts and Ctrl-C). Returns the program's exit status."""
+    from . import images
+
     execute.check_argv(argv, exec_options.get("env"))
     exec_options["stage_dir"] = exec_options.get("stage_dir") or config.stage_dir
     execute.check_options(execute.ExecOptions(timeout=exec_options.get("timeout")))
+    report = options.report
+    resolved = images.resolve(config, for_run=True)
+    images.ensure(conn, resolved, report=report)
+    config = resolved.config
     facts = host_facts(conn)
     dx.check_machine(config, facts)
     check_host_paths(dataclasses.replace(config, disks=()))
-    report = options.report
     for leftover in reap_runs(conn):
         report(f"removed {leftover}, left by a run that died")
     slot = None

@@ -47,7 +47,7 @@ from .storage import (
 )
 
 if TYPE_CHECKING:
-    from .config import VMConfig
+    from .config import Disk, VMConfig
 
 POLL = 0.05
 
@@ -59,6 +59,7 @@ class DefineResult:
     created: bool  # False: an existing domain was updated in place
     qmp: str | None
     disks_created: list[str] = field(default_factory=list)
+    images_made: list[str] = field(default_factory=list)  # base images and seeds, now
     restart_needed: bool = False  # the domain runs: changes apply at its next start
     notes: list[str] = field(default_factory=list)  # things the user should know
 
@@ -239,6 +240,8 @@ def _check_disks_unshared(config: VMConfig, around: Neighbours) -> None:
     file = str(config.source) if config.source else None
     for i, disk in enumerate(config.disks):
         others = around.uses(disk.path)
+        if disk.readonly:  # read by many (a cloud-init seed): only a writer is a problem
+            others = [u for u in others if u.endswith("(disk)")]
         if others:
             raise ConfigError(
                 f"{disk.path} is already used by VM " + ", ".join(others),
@@ -268,11 +271,12 @@ def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
     inputs = [("cdrom", config.cdrom)] + [
         (f"disks[{i}].backing", d.backing) for i, d in enumerate(config.disks)
     ]
+    inputs += [(f"disks[{i}].path", d.path) for i, d in enumerate(config.disks) if d.readonly]
     for where, path in inputs:
         if path is None:
             continue
         chain = [path]
-        if where != "cdrom":
+        if where.endswith(".backing"):
             formats[path] = image_format(path)
             chain += backing_chain(path)
         for image in chain:
@@ -288,14 +292,25 @@ def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
     return formats
 
 
-def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
+def define(
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    *,
+    report: Callable[[str], None] = lambda _text: None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DefineResult:
     """Create the domain for ``config``, or update it in place (same UUID).
 
-    Creates missing disk images first and removes them again if libvirt refuses the
-    domain, so a failed define leaves nothing behind.
+    Builds or downloads the config's image and writes its cloud-init seed (both shared and
+    kept: the store's), then creates missing disk images and removes them again if libvirt
+    refuses the domain, so a failed define leaves nothing of the VM's behind.
     """
+    from . import images
     from .config import check_host_paths
 
+    resolved = images.resolve(config)
+    made = images.ensure(conn, resolved, report=report, progress=progress)
+    config = resolved.config
     facts = host_facts(conn)
     dx.domain_type(config, facts)  # refuses kvm where there is none, before any change
     dx.check_machine(config, facts)
@@ -331,7 +346,10 @@ def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
         root = dx.build_domain(
             config, facts=facts, qmp_endpoint=qmp, uuid=uuid, backing_formats=formats
         )
-        dom, created = _define_with_disks(conn, config, dx.to_string(root), local=local)
+        overlay = config.disks[0] if resolved.ref is not None else None
+        dom, created = _define_with_disks(
+            conn, config, dx.to_string(root), local=local, overlay=overlay
+        )
     if qmp is not None and qmp.kind == "tcp":
         notes.append(f"QMP on {qmp} is open to every local user: `qmp: auto` is private")
     return DefineResult(
@@ -340,20 +358,32 @@ def define(conn: libvirt.virConnect, config: VMConfig) -> DefineResult:
         created=existing is None,
         qmp=str(qmp) if qmp else None,
         disks_created=[str(p) for p in created],
+        images_made=[str(p) for p in made],
         restart_needed=existing is not None and is_active(existing),
         notes=notes,
     )
 
 
 def _define_with_disks(
-    conn: libvirt.virConnect, config: VMConfig, xml: str, *, local: bool
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    xml: str,
+    *,
+    local: bool,
+    overlay: Disk | None = None,
 ) -> tuple[libvirt.virDomain, list[Path]]:
     """Create the missing disks, then the domain; if libvirt refuses it, remove the disks
-    again (a failed define leaves nothing behind)."""
+    again (a failed define leaves nothing behind). ``overlay``: the boot disk over the
+    config's image, made as a volume of the image store's pool."""
     created: list[Path] = []
     try:
         for i, disk in enumerate(config.disks):
-            if not disk.path.exists():
+            if disk == overlay and not disk.path.exists() and disk.backing is not None:
+                from .images import create_overlay
+
+                create_overlay(conn, disk.path.parent, disk.path, disk.backing, disk.size)
+                created.append(disk.path)
+            elif not disk.path.exists():
                 if not local:
                     raise ConfigError(
                         f"{disk.path} does not exist and ozone creates disks only on a local host",

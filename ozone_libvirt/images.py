@@ -1,0 +1,742 @@
+"""The image store: base images built from Debian packages or downloaded, each VM's boot disk
+a qcow2 overlay over one, and cloud-init seeds; all of it one folder that is a libvirt
+storage pool (type ``dir``), so ``virsh vol-list`` shows every image and overlay.
+
+A base image is immutable (mode 0444) and named by what made it: ``debian-SUITE-HASH`` for a
+build spec, ``STEM-HASH`` for a URL and its checksum. Its files sit side by side:
+``ID.qcow2`` (and for Debian builds ``ID.vmlinuz``, ``ID.initrd``, booted directly), and
+``ID.json``, written last, which says what made it: an image exists when its JSON does.
+Building or pulling one takes the lock ``.ID.lock``, so two commands asking for the same image
+at once make it once; a build works in ``.build-ID-*`` and a failed one leaves nothing.
+
+:func:`resolve` is pure (beyond reading the invoking user's ssh keys and a ``user_data`` file):
+a config with ``image`` becomes a config with concrete disks, kernel and seed, which is what
+``ozone xml`` shows. :func:`ensure` makes what ``resolve`` names exist.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import libvirt
+
+from . import cloudinit
+from .config import Disk, Image, VMConfig
+from .connection import call, is_local, translate
+from .errors import ConfigError, ConflictError, NotFoundError, OzoneError, UsageError
+from .state import state_dir
+
+Report = Callable[[str], None]
+Progress = Callable[[int, int | None], None]
+
+SYSTEM_STORE = Path("/var/lib/ozone/images")
+POOL = "ozone-images"
+BUILDER = Path(__file__).parent / "data" / "build-debian-image"
+DEBIAN_CMDLINE = "root=/dev/vda rw console=ttyS0"
+DEBIAN_MIRROR = "http://deb.debian.org/debian"
+DEBIAN_IMAGE_SIZE = 4 * 1024**3  # the builder's file system (grown to the disk at boot)
+
+
+def store_dir() -> Path:
+    """``$OZONE_IMAGE_DIR``, else /var/lib/ozone/images (root) or STATE/images."""
+    if os.environ.get("OZONE_IMAGE_DIR"):
+        return Path(os.environ["OZONE_IMAGE_DIR"]).absolute()
+    return SYSTEM_STORE if os.geteuid() == 0 else state_dir() / "images"
+
+
+def pool_name(store: Path) -> str:
+    """ozone-images for the default store; another folder gets a pool of its own."""
+    if store == SYSTEM_STORE:
+        return POOL
+    return f"{POOL}-{hashlib.sha256(str(store).encode()).hexdigest()[:8]}"
+
+
+# --- naming (pure) -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """A base image as the store names it."""
+
+    id: str
+    spec: dict[str, Any]  # what made it (JSON data)
+
+    @property
+    def debian(self) -> bool:
+        return "debian" in self.spec
+
+    def files(self, store: Path) -> list[Path]:
+        names = [f"{self.id}.qcow2"]
+        if self.debian:
+            names += [f"{self.id}.vmlinuz", f"{self.id}.initrd"]
+        return [store / n for n in names]
+
+    def disk(self, store: Path) -> Path:
+        return store / f"{self.id}.qcow2"
+
+    def meta(self, store: Path) -> Path:
+        return store / f"{self.id}.json"
+
+
+def _builder_digest() -> str:
+    return hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:16]
+
+
+def _digest(spec: dict[str, Any]) -> str:
+    text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def image_ref(image: Image, *, cloud_init: bool) -> ImageRef:
+    """The store's name for ``image`` (a Debian build also depends on whether it carries
+    cloud-init, and on the builder's version)."""
+    if image.debian:
+        spec: dict[str, Any] = {
+            "debian": image.debian,
+            "packages": sorted(image.packages),
+            "mirror": image.mirror or DEBIAN_MIRROR,
+            "cloud_init": cloud_init,
+            "builder": _builder_digest(),
+        }
+        return ImageRef(f"debian-{image.debian}-{_digest(spec)}", spec)
+    assert image.url is not None
+    spec = {"url": image.url}
+    for key in ("sha256", "sha512", "checksum_url"):
+        if getattr(image, key):
+            spec[key] = getattr(image, key)
+    if image.name:
+        spec["name"] = image.name
+    digest = _digest({k: v for k, v in spec.items() if k != "name"})
+    return ImageRef(f"{_stem(image.url)}-{digest}", spec)
+
+
+def _stem(url: str) -> str:
+    """``debian-12-genericcloud-amd64`` for ``https://…/debian-12-genericcloud-amd64.qcow2``."""
+    base = Path(urlsplit(url).path).name
+    for suffix in (".qcow2", ".img", ".raw", ".xz", ".gz"):
+        base = base.removesuffix(suffix)
+    clean = "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "-" for c in base)
+    return clean.strip(".-")[:48] or "image"
+
+
+def seed_path(store: Path, files: dict[str, bytes]) -> Path:
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode() + b"\0" + files[name] + b"\0")
+    return store / f"seed-{digest.hexdigest()[:16]}.iso"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A config with its image made concrete."""
+
+    config: VMConfig  # disks, kernel, initrd, cmdline filled in
+    ref: ImageRef | None
+    base: Path | None
+    seed: Path | None
+    seed_files: dict[str, bytes] | None
+
+
+def resolve(config: VMConfig, *, store: Path | None = None, for_run: bool = False) -> Resolved:
+    """``config`` with its ``image`` and ``cloud_init`` turned into disks: the boot disk (an
+    overlay ``NAME.root.qcow2`` in the store over the base image; for ``ozone run`` the base
+    itself, which the run puts its own overlay over), the config's other disks, and the
+    cloud-init seed (read-only). A Debian build boots its own kernel unless the config names
+    one. A config without either comes back unchanged."""
+    if config.image is None and config.cloud_init is None:
+        return Resolved(config, None, None, None, None)
+    store = store or store_dir()
+    changes: dict[str, Any] = {}
+    disks = list(config.disks)
+    ref = base = None
+    if config.image is not None:
+        ref = image_ref(config.image, cloud_init=config.cloud_init is not None)
+        base = ref.disk(store)
+        if for_run:
+            root = Disk(path=base, size=config.image.size)
+        else:
+            root = Disk(
+                path=store / f"{config.name}.root.qcow2", backing=base, size=config.image.size
+            )
+        disks.insert(0, root)
+        if ref.debian and config.kernel is None:
+            changes.update(
+                kernel=store / f"{ref.id}.vmlinuz",
+                initrd=store / f"{ref.id}.initrd",
+                cmdline=config.cmdline or DEBIAN_CMDLINE,
+            )
+    seed = files = None
+    # a downloaded cloud image lacks the agent: the seed installs it
+    install_agent = ref is not None and not ref.debian
+    if config.cloud_init is not None or install_agent:
+        files = cloudinit.seed_files(
+            config,
+            default_keys=cloudinit.default_ssh_keys(),
+            install_agent=install_agent,
+            user_data=cloudinit.read_user_data(config),
+        )
+        seed = seed_path(store, files)
+        disks.append(Disk(path=seed, format="raw", readonly=True))
+    if not config.boot and config.kernel is None and "kernel" not in changes:
+        changes["boot"] = ("disk",)
+    resolved = dataclasses.replace(config, disks=tuple(disks), **changes)
+    return Resolved(resolved, ref, base, seed, files)
+
+
+# --- the pool ------------------------------------------------------------------------------
+
+
+def ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePool:
+    """The store's storage pool, defined (autostarted) and started when it is not."""
+    name = pool_name(store)
+    try:
+        pool = conn.storagePoolLookupByName(name)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+            raise translate(err) from None
+        store.mkdir(parents=True, exist_ok=True, mode=0o755)
+        xml = (
+            f"<pool type='dir'><name>{name}</name><target><path>{store}</path>"
+            "<permissions><mode>0755</mode></permissions></target></pool>"
+        )
+        pool = call(conn.storagePoolDefineXML, xml, 0)
+        with contextlib.suppress(libvirt.libvirtError):
+            pool.setAutostart(1)
+    if not pool.isActive():
+        store.mkdir(parents=True, exist_ok=True, mode=0o755)
+        call(pool.create, 0)
+    else:
+        call(pool.refresh, 0)
+    return pool
+
+
+def refresh(conn: libvirt.virConnect, store: Path) -> None:
+    with contextlib.suppress(libvirt.libvirtError):
+        pool = conn.storagePoolLookupByName(pool_name(store))
+        if pool.isActive():
+            pool.refresh(0)
+
+
+def create_overlay(
+    conn: libvirt.virConnect, store: Path, path: Path, backing: Path, size: int | None
+) -> None:
+    """The VM's boot disk, through libvirt (``vol-create``): a qcow2 over ``backing``, mode
+    0600 (libvirt gives QEMU access while the VM runs)."""
+    from .storage import image_info
+
+    info = image_info(backing)
+    virtual = int(info.get("virtual-size", 0))  # type: ignore[call-overload]
+    if size is not None and size < virtual:
+        raise ConfigError(
+            f"a {size >> 20} MiB disk is smaller than its image ({virtual >> 20} MiB)",
+            field="image.size",
+            hint="give at least the image's size, or leave size out",
+        )
+    pool = ensure_pool(conn, store)
+    xml = (
+        f"<volume><name>{path.name}</name><capacity unit='bytes'>{size or virtual}</capacity>"
+        "<target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target>"
+        f"<backingStore><path>{backing}</path><format type='{info.get('format', 'qcow2')}'/>"
+        "</backingStore></volume>"
+    )
+    call(pool.createXML, xml, 0)
+
+
+# --- making images -------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _image_lock(store: Path, image_id: str) -> Iterator[None]:
+    store.mkdir(parents=True, exist_ok=True, mode=0o755)
+    lock = store / f".{image_id}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def present(ref: ImageRef, store: Path) -> bool:
+    return ref.meta(store).is_file() and all(p.is_file() for p in ref.files(store))
+
+
+def _install(ref: ImageRef, store: Path, made: dict[Path, Path], facts: dict[str, Any]) -> None:
+    """Move the made files into the store, read-only, and write the JSON last."""
+    for source, target in made.items():
+        source.chmod(0o444)
+        os.replace(source, target)
+    meta = {"id": ref.id, "spec": ref.spec, "created": time.time(), **facts}
+    part = ref.meta(store).with_suffix(".json.part")
+    part.write_text(json.dumps(meta, indent=2) + "\n")
+    part.chmod(0o444)
+    os.replace(part, ref.meta(store))
+
+
+def build(ref: ImageRef, store: Path, *, report: Report = lambda _t: None) -> bool:
+    """Build a Debian image (unless it is there): True when it was built now."""
+    if not ref.debian:
+        raise OzoneError(f"{ref.id} is downloaded, not built")
+    if os.geteuid() != 0:
+        raise OzoneError(
+            "building an image needs root (mmdebstrap builds the root file system as root)",
+            hint="run `sudo ozone image build CONFIG`",
+        )
+    with _image_lock(store, ref.id):
+        if present(ref, store):
+            return False
+        _sweep(store, ref.id)
+        work = Path(_mkdtemp(store, f".build-{ref.id}-"))
+        log_path = _log_path(ref.id)
+        began = time.monotonic()
+        try:
+            env = {
+                **os.environ,
+                "OZONE_BUILD_OUT": str(work),
+                "OZONE_BUILD_SUITE": ref.spec["debian"],
+                "OZONE_BUILD_MIRROR": ref.spec["mirror"],
+                "OZONE_BUILD_PACKAGES": " ".join(ref.spec["packages"]),
+                "OZONE_BUILD_CLOUD_INIT": "1" if ref.spec["cloud_init"] else "0",
+                "OZONE_BUILD_NETWORK": "1",
+                "OZONE_BUILD_HOSTNAME": "debian",
+                "OZONE_BUILD_STAMP": "0",
+            }
+            env.pop("OZONE_BUILD_USERS", None)
+            _run_builder(env, log_path, report)
+            made = {
+                work / "debian.qcow2": ref.disk(store),
+                work / "vmlinuz": store / f"{ref.id}.vmlinuz",
+                work / "initrd.img": store / f"{ref.id}.initrd",
+            }
+            _install(ref, store, made, {"seconds": round(time.monotonic() - began, 1)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            log_path.unlink()
+    return True
+
+
+def _mkdtemp(store: Path, prefix: str) -> str:
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix, dir=store)
+    os.chmod(path, 0o755)
+    return path
+
+
+def _log_path(image_id: str) -> Path:
+    folder = state_dir() / "logs"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return folder / f"build-{image_id}.log"
+
+
+def _run_builder(env: dict[str, str], log_path: Path, report: Report) -> None:
+    last = ""
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as log:
+        proc = subprocess.Popen(
+            ["bash", str(BUILDER)],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                text = line.strip()
+                if text.startswith("build-debian-image: "):
+                    last = text.removeprefix("build-debian-image: ")
+                    report(last)
+            code = proc.wait()
+        except BaseException:
+            proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=30)
+            raise
+    if code != 0:
+        reason = last.removeprefix("error: ") if last.startswith("error: ") else f"exit {code}"
+        raise OzoneError(
+            f"building the image failed: {reason}", hint=f"the whole log is in {log_path}"
+        )
+
+
+def _sweep(store: Path, image_id: str) -> None:
+    """Remove what a killed build or pull of this image left (we hold its lock)."""
+    for prefix in (f".build-{image_id}-", f".pull-{image_id}-"):
+        for left in store.glob(prefix + "*"):
+            if left.is_dir() and not left.is_symlink():
+                _unmount_below(left)
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)
+
+
+def _unmount_below(folder: Path) -> None:
+    """Unmount what a killed mmdebstrap left mounted in its chroot (/proc, /sys, /dev)."""
+    prefix = str(folder) + "/"
+    with open("/proc/self/mounts") as mounts:
+        points = [line.split()[1] for line in mounts if len(line.split()) > 1]
+    for point in sorted((p for p in points if p.startswith(prefix)), reverse=True):
+        subprocess.run(["umount", "-l", point], check=False, capture_output=True)
+
+
+def pull(
+    ref: ImageRef,
+    store: Path,
+    *,
+    report: Report = lambda _t: None,
+    progress: Progress | None = None,
+    stall_timeout: float = 30,
+) -> bool:
+    """Download, verify and store an image (unless it is there): True when pulled now."""
+    from . import download
+    from .storage import image_info
+
+    with _image_lock(store, ref.id):
+        if present(ref, store):
+            return False
+        _sweep(store, ref.id)
+        url = ref.spec["url"]
+        checksum = download.resolve_checksum(
+            url,
+            sha256=ref.spec.get("sha256"),
+            sha512=ref.spec.get("sha512"),
+            checksum_url=ref.spec.get("checksum_url"),
+        )
+        partial_dir = state_dir() / "downloads"
+        partial_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        partial = partial_dir / f"{ref.id}.part"
+        fetched = store / f".pull-{ref.id}-{os.getpid()}"
+        began = time.monotonic()
+        report(f"downloading {url}")
+        try:
+            download.download(
+                url,
+                fetched,
+                checksum=checksum,
+                partial=partial,
+                progress=progress,
+                stall_timeout=stall_timeout,
+            )
+            seconds = time.monotonic() - began
+            size = fetched.stat().st_size
+            info = image_info(fetched)
+            fmt = str(info.get("format"))
+            if info.get("backing-filename") or info.get("full-backing-filename"):
+                raise OzoneError(f"{url} is a qcow2 overlay (it names a backing file): refused")
+            if fmt == "raw":
+                report("converting the raw image to qcow2")
+                converted = fetched.with_name(fetched.name + ".qcow2")
+                _qemu_img_convert(fetched, converted)
+                fetched.unlink()
+                fetched = converted
+            elif fmt != "qcow2":
+                raise OzoneError(f"{url} is a {fmt} image; ozone takes qcow2 or raw images")
+            facts = {
+                "checksum": str(checksum),
+                "bytes": size,
+                "seconds": round(seconds, 2),
+                "format": fmt,
+            }
+            _install(ref, store, {fetched: ref.disk(store)}, facts)
+        finally:
+            fetched.unlink(missing_ok=True)
+    return True
+
+
+def _qemu_img_convert(source: Path, target: Path) -> None:
+    proc = subprocess.run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(source), str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        target.unlink(missing_ok=True)
+        raise OzoneError(f"qemu-img convert failed: {proc.stderr.strip()[:200]}")
+
+
+def obtain(
+    ref: ImageRef,
+    store: Path,
+    *,
+    report: Report = lambda _t: None,
+    progress: Progress | None = None,
+) -> bool:
+    """Build or pull ``ref`` unless the store has it."""
+    if present(ref, store):
+        return False
+    if ref.debian:
+        return build(ref, store, report=report)
+    return pull(ref, store, report=report, progress=progress)
+
+
+# --- making a config's files exist --------------------------------------------------------
+
+
+def ensure(
+    conn: libvirt.virConnect,
+    resolved: Resolved,
+    *,
+    report: Report = lambda _t: None,
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Make the base image and the seed that ``resolved`` names (the boot overlay is made by
+    define, with the other disks). Returns the files made now."""
+    if resolved.ref is None and resolved.seed is None:
+        return []
+    if not is_local(conn):
+        raise OzoneError(
+            "images and cloud-init seeds are made on this host only for now; "
+            "this VM's host is another machine",
+            hint="define it on its own host, or without image/cloud_init",
+        )
+    store = (resolved.base or resolved.seed or store_dir()).parent
+    made: list[Path] = []
+    if resolved.ref is not None and obtain(resolved.ref, store, report=report, progress=progress):
+        made.append(resolved.base or store)
+    seed, files = resolved.seed, resolved.seed_files
+    if seed is not None and files is not None and write_seed(seed, files):
+        made.append(seed)
+    ensure_pool(conn, store)
+    return made
+
+
+def write_seed(path: Path, files: dict[str, bytes]) -> bool:
+    """The seed ISO at ``path`` (content-addressed: an existing one is the same): 0444,
+    readable by QEMU."""
+    if path.is_file():
+        return False
+    data = cloudinit.make_iso(files)
+    part = path.with_name(f".{path.name}.{os.getpid()}.part")
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return True
+
+
+# --- list / rm -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    id: str
+    source: str
+    bytes: int  # on disk
+    used_by: list[str]
+    created: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _source_text(spec: dict[str, Any]) -> str:
+    if "debian" in spec:
+        extra = f" +{len(spec['packages'])} packages" if spec["packages"] else ""
+        ci = " +cloud-init" if spec.get("cloud_init") else ""
+        return f"debian {spec['debian']}{extra}{ci}"
+    return str(spec.get("name") or spec.get("url"))
+
+
+def _read_meta(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and isinstance(data.get("spec"), dict) else None
+
+
+def stored(store: Path) -> list[ImageRef]:
+    refs = []
+    for meta_path in sorted(store.glob("*.json")):
+        meta = _read_meta(meta_path)
+        if meta and meta.get("id") == meta_path.stem:
+            refs.append(ImageRef(meta_path.stem, meta["spec"]))
+    return refs
+
+
+def list_images(conn: libvirt.virConnect, store: Path | None = None) -> list[ImageInfo]:
+    from .vm import neighbours
+
+    store = store or store_dir()
+    around = neighbours(conn, local=is_local(conn))
+    infos = []
+    for ref in stored(store):
+        meta = _read_meta(ref.meta(store)) or {}
+        size = 0
+        for path in ref.files(store):
+            with contextlib.suppress(OSError):
+                size += path.stat().st_blocks * 512
+        users = sorted({u.split(" (")[0] for u in around.uses(ref.disk(store))})
+        infos.append(
+            ImageInfo(
+                id=ref.id,
+                source=_source_text(ref.spec),
+                bytes=size,
+                used_by=users,
+                created=float(meta.get("created", 0)),
+                path=str(ref.disk(store)),
+            )
+        )
+    return infos
+
+
+def find_image(name: str, store: Path) -> ImageRef:
+    """An image by its id, a unique prefix of it, or its catalogue name."""
+    refs = stored(store)
+    exact = [r for r in refs if r.id == name or r.spec.get("name") == name]
+    found = exact or [r for r in refs if r.id.startswith(name)]
+    if not found:
+        raise NotFoundError(f"no image {name!r} in {store}", hint="`ozone image list` shows them")
+    if len(found) > 1:
+        raise ConflictError(
+            f"{name!r} names {len(found)} images: " + ", ".join(r.id for r in found),
+            hint="give the whole id",
+        )
+    return found[0]
+
+
+def remove_image(conn: libvirt.virConnect, name: str, store: Path | None = None) -> list[str]:
+    """Delete a base image no VM uses (as a backing image or a disk, defined or running);
+    boot cache entries built on it go with it. Returns the files removed."""
+    from .cache import clear_cache, list_cache
+    from .state import host_lock
+    from .vm import neighbours
+
+    store = store or store_dir()
+    ref = find_image(name, store)
+    with host_lock("define"), _image_lock(store, ref.id):
+        users = neighbours(conn, local=is_local(conn)).uses(ref.disk(store))
+        if users:
+            raise ConflictError(
+                f"image {ref.id} is used by VM " + ", ".join(users) + ": nothing was removed",
+                hint="undefine those VMs first (`ozone undefine NAME --remove-storage` "
+                "removes a VM's overlay, never its image)",
+            )
+        disk = str(ref.disk(store))
+        cached = {entry.key for entry in list_cache() if disk in entry.files}
+        if cached and len(clear_cache(conn, keys=cached)) < len(cached):
+            raise ConflictError(
+                f"image {ref.id} is under a boot cache entry whose VM still runs (kept with "
+                "`ozone run --keep`): nothing was removed",
+                hint="stop that VM first",
+            )
+        removed = []
+        ref.meta(store).unlink(missing_ok=True)  # first: the image is gone from here on
+        for path in ref.files(store):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(str(path))
+    refresh(conn, store)
+    return removed
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ObtainResult:
+    id: str
+    path: str
+    made: bool  # False: the store had it
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build_config_image(
+    conn: libvirt.virConnect, config: VMConfig, *, report: Report = lambda _t: None
+) -> ObtainResult:
+    """``ozone image build CONFIG``: the image a config's ``image: {debian: ...}`` names."""
+    if config.image is None or not config.image.debian:
+        raise ConfigError(
+            "has no image built from packages",
+            file=str(config.source) if config.source else None,
+            field="image",
+            hint='add e.g. "image": {"debian": "bookworm"}; `ozone image pull` downloads images',
+        )
+    return _obtain_timed(
+        conn, image_ref(config.image, cloud_init=config.cloud_init is not None), report=report
+    )
+
+
+def pull_image(
+    conn: libvirt.virConnect,
+    source: str,
+    *,
+    sha256: str | None = None,
+    sha512: str | None = None,
+    checksum_url: str | None = None,
+    report: Report = lambda _t: None,
+    progress: Progress | None = None,
+) -> ObtainResult:
+    """``ozone image pull URL|NAME``: a catalogue name, or a URL with one checksum option."""
+    from .catalogue import CATALOGUE
+    from .config import parse_config
+
+    image: dict[str, Any]
+    if "://" not in source:
+        if source not in CATALOGUE:
+            raise UsageError(
+                f"{source!r} is neither a URL nor an image name ozone knows",
+                hint="names: " + ", ".join(CATALOGUE),
+            )
+        if sha256 or sha512 or checksum_url:
+            raise UsageError(f"{source} comes from the catalogue, which gives its checksum")
+        image = {"name": source}
+    else:
+        image = {"url": source}
+        for key, value in (("sha256", sha256), ("sha512", sha512), ("checksum_url", checksum_url)):
+            if value:
+                image[key] = value
+        if len(image) != 2:
+            raise UsageError(
+                "give exactly one of --sha256, --sha512 or --checksum-url",
+                hint="ozone verifies every download before it enters the image store",
+            )
+    try:  # the same checks as the config key
+        spec = parse_config({"name": "pull", "image": image}).image
+    except ConfigError as err:
+        raise UsageError(err.message.removeprefix("image: ").removeprefix("image.")) from None
+    assert spec is not None
+    return _obtain_timed(conn, image_ref(spec, cloud_init=False), report=report, progress=progress)
+
+
+def _obtain_timed(
+    conn: libvirt.virConnect,
+    ref: ImageRef,
+    *,
+    report: Report,
+    progress: Progress | None = None,
+) -> ObtainResult:
+    if not is_local(conn):
+        raise OzoneError("the image store is on this host only for now; the URI names another")
+    store = store_dir()
+    began = time.monotonic()
+    made = obtain(ref, store, report=report, progress=progress)
+    ensure_pool(conn, store)
+    return ObtainResult(ref.id, str(ref.disk(store)), made, round(time.monotonic() - began, 2))
