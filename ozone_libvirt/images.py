@@ -201,6 +201,13 @@ def resolve(config: VMConfig, *, store: Path | None = None, for_run: bool = Fals
 
 def ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePool:
     """The store's storage pool, defined (autostarted) and started when it is not."""
+    from .state import host_lock
+
+    with host_lock("pool"):  # two commands must not both define or start it
+        return _ensure_pool(conn, store)
+
+
+def _ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePool:
     name = pool_name(store)
     try:
         pool = conn.storagePoolLookupByName(name)
@@ -260,8 +267,14 @@ def create_overlay(
 
 @contextlib.contextmanager
 def _image_lock(store: Path, image_id: str) -> Iterator[None]:
+    """One build or pull of an image at a time (the lock lives with ozone's state, so the
+    store holds only images)."""
+    from .state import private_dir
+
     store.mkdir(parents=True, exist_ok=True, mode=0o755)
-    lock = store / f".{image_id}.lock"
+    folder = private_dir(state_dir() / "locks")
+    name = hashlib.sha256(str(store).encode()).hexdigest()[:8]
+    lock = folder / f"image-{name}-{image_id}.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -404,9 +417,11 @@ def pull(
     *,
     report: Report = lambda _t: None,
     progress: Progress | None = None,
-    stall_timeout: float = 30,
+    stall_timeout: float | None = None,
 ) -> bool:
-    """Download, verify and store an image (unless it is there): True when pulled now."""
+    """Download, verify and store an image (unless it is there): True when pulled now. A
+    server that sends nothing for ``stall_timeout`` seconds ($OZONE_STALL_TIMEOUT, 30) ends
+    the download; the next pull resumes it."""
     from . import download
     from .storage import image_info
 
@@ -421,8 +436,9 @@ def pull(
             sha512=ref.spec.get("sha512"),
             checksum_url=ref.spec.get("checksum_url"),
         )
-        partial_dir = state_dir() / "downloads"
-        partial_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from .state import private_dir
+
+        partial_dir = private_dir(state_dir() / "downloads")
         partial = partial_dir / f"{ref.id}.part"
         fetched = store / f".pull-{ref.id}-{os.getpid()}"
         began = time.monotonic()
@@ -434,7 +450,7 @@ def pull(
                 checksum=checksum,
                 partial=partial,
                 progress=progress,
-                stall_timeout=stall_timeout,
+                stall_timeout=stall_timeout or float(os.environ.get("OZONE_STALL_TIMEOUT", 30)),
             )
             seconds = time.monotonic() - began
             size = fetched.stat().st_size
