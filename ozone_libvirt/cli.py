@@ -192,8 +192,9 @@ def start(
         with progress(f"Starting {name}…", as_json):
             result = vm.start(conn, name)
         if wait:
-            with progress(f"Waiting for {name}'s guest agent…", as_json):
-                result["ready_seconds"] = round(_wait_or_show_console(conn, name, timeout), 3)
+            with output.activity(f"Waiting for {name}:", enabled=not as_json) as steps:
+                waited = _wait_or_show_console(conn, name, timeout, report=steps[0])
+                result["ready_seconds"] = round(waited, 3)
     if as_json:
         output.emit_json(result)
         return
@@ -208,11 +209,16 @@ def start(
         output.info(f"guest clock {result['clock']}")
 
 
-def _wait_or_show_console(conn: libvirt.virConnect, name: str, timeout: float) -> float:
+def _wait_or_show_console(
+    conn: libvirt.virConnect,
+    name: str,
+    timeout: float,
+    report: Callable[[str], None] = lambda _text: None,
+) -> float:
     from . import vm
 
     try:
-        return vm.wait_agent(conn, name, timeout=timeout)
+        return vm.wait_agent(conn, name, timeout=timeout, report=report)
     except OzoneError:
         tail = _console_tail(conn, name)
         if tail:
@@ -236,9 +242,13 @@ def wait(
     timeout: Annotated[float, typer.Option(help="Seconds to wait.", callback=_seconds)] = 120,
     as_json: JsonOpt = False,
 ) -> None:
-    """Wait until a VM's guest agent answers (the guest can run programs)."""
-    with connection() as conn, progress(f"Waiting for {name}'s guest agent…", as_json):
-        seconds = _wait_or_show_console(conn, name, timeout)
+    """Wait until a VM's guest agent answers (the guest can run programs) and, on a VM
+    with cloud-init, until cloud-init has finished."""
+    with (
+        connection() as conn,
+        output.activity(f"Waiting for {name}:", enabled=not as_json) as steps,
+    ):
+        seconds = _wait_or_show_console(conn, name, timeout, report=steps[0])
     if as_json:
         output.emit_json({"name": name, "ready_seconds": round(seconds, 3)})
     else:

@@ -239,6 +239,12 @@ class VMConfig:
     cloud_init: CloudInit | None = None
     source: Path | None = None  # the file this config came from
 
+    @property
+    def uses_cloud_init(self) -> bool:
+        """The VM gets a cloud-init seed: for its ``cloud_init`` section, or to install the
+        guest agent in a downloaded cloud image (which lacks it)."""
+        return self.cloud_init is not None or (self.image is not None and not self.image.debian)
+
     def to_dict(self) -> dict[str, Any]:
         """The normalised config as plain JSON data (absolute paths, sizes in bytes)."""
 

@@ -161,6 +161,8 @@ def build_domain(
         meta.append(qmp_el)
     if config.stage_dir:
         meta.append(O("stage-dir", config.stage_dir))
+    if config.uses_cloud_init:
+        meta.append(O("cloud-init", "nocloud"))
     root.append(E.metadata(meta))
 
     kib = str(config.memory // 1024)

@@ -181,7 +181,7 @@ def resolve(config: VMConfig, *, store: Path | None = None, for_run: bool = Fals
     seed = files = None
     # a downloaded cloud image lacks the agent: the seed installs it
     install_agent = ref is not None and not ref.debian
-    if config.cloud_init is not None or install_agent:
+    if config.uses_cloud_init:
         files = cloudinit.seed_files(
             config,
             default_keys=cloudinit.default_ssh_keys(),

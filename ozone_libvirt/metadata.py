@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
 OZONE_PREFIX = "ozone"
-_FIELDS = ("source", "hash", "qmp", "stage-dir")
+_FIELDS = ("source", "hash", "qmp", "stage-dir", "cloud-init")
 
 
 class OzoneMetadata(NamedTuple):
@@ -18,6 +18,7 @@ class OzoneMetadata(NamedTuple):
     hash: str | None  # of the normalised config
     qmp_endpoint: QmpEndpoint | None  # the QMP passthrough endpoint given to QEMU
     stage_dir: str | None = None  # the guest folder `ozone exec` stages output in
+    cloud_init: bool = False  # the VM has a cloud-init seed: ready is when cloud-init is done
 
     @property
     def qmp(self) -> str | None:
@@ -73,6 +74,7 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
         hash=texts.get("hash") or None,
         qmp_endpoint=QmpEndpoint.parse(qmp, auto=port_auto) if qmp else None,
         stage_dir=texts.get("stage-dir") or None,
+        cloud_init="cloud-init" in texts,
     )
 
 

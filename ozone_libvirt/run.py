@@ -50,7 +50,7 @@ from .connection import call, host_facts, is_local, translate
 from .errors import OzoneError
 from .rundir import RunDir, reap_runs
 from .storage import create_disk, parse_label
-from .vm import is_active, wait_for_agent
+from .vm import is_active, wait_for_guest
 
 Report = Callable[[str], None]
 
@@ -168,7 +168,8 @@ def fill(
     disks = _overlays(config, disks_dir, facts)
     dom = _transient(conn, config, facts, slot.domain_name, disks, run_dir)
     try:
-        wait_for_agent(dom, timeout=boot_timeout, interval=0.05)
+        # a guest with cloud-init is saved once cloud-init is done: every run gets its users
+        wait_for_guest(dom, timeout=boot_timeout, cloud_init=config.uses_cloud_init, interval=0.05)
         partial = slot.dir / "state.save.part"
         call(dom.save, str(partial), name=slot.domain_name)  # the transient domain ends here
         partial.rename(slot.state)
@@ -296,7 +297,9 @@ def run(
             name = f"{config.name[:40]}-run-{secrets.token_hex(3)}"
             disks = _overlays(config, run_dir.path, facts)
             dom = _transient(conn, config, facts, name, disks, run_dir)
-            wait_for_agent(dom, timeout=options.boot_timeout, interval=0.05)
+            wait_for_guest(
+                dom, timeout=options.boot_timeout, cloud_init=config.uses_cloud_init, interval=0.05
+            )
         report(f"{dom.name()} ready in {time.monotonic() - began:.2f} s")
         return execute.run(Agent(dom), argv, **exec_options)
     except OSError as err:

@@ -498,15 +498,71 @@ def sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> dict[str, Any]:
     return {"clock": "synced", "clock_offset_s": round(offset, 3)}
 
 
-def wait_agent(conn: libvirt.virConnect, name: str, *, timeout: float) -> float:
-    """Wait until the guest agent answers; returns seconds waited."""
+def wait_agent(
+    conn: libvirt.virConnect,
+    name: str,
+    *,
+    timeout: float,
+    report: Callable[[str], None] = lambda _text: None,
+) -> float:
+    """Wait until the guest agent answers and, on a VM with a cloud-init seed, until
+    cloud-init has finished (its users, files and commands are there); returns seconds
+    waited. ``report`` hears what is waited for."""
     dom = lookup(conn, name)
-    if not dx.has_agent_channel(call(dom.XMLDesc, 0, name=name)):
+    xml = call(dom.XMLDesc, 0, name=name)
+    if not dx.has_agent_channel(xml):
         raise StateError(
             f"{name} has no guest agent channel",
             hint='set "agent": true in its config and `ozone define` it again',
         )
-    return wait_for_agent(dom, timeout=timeout, hint=f"`ozone start {name}`")
+    meta = dx.parse_metadata(xml)
+    cloud_init = meta is not None and meta.cloud_init
+    began = time.monotonic()
+    if cloud_init and not Agent(dom).answers(timeout=1):
+        report("the guest agent (on first boot, cloud-init may be installing it)")
+    else:
+        report("the guest agent")
+    wait_for_agent(dom, timeout=timeout, hint=f"`ozone start {name}`")
+    if cloud_init:
+        report("cloud-init to finish")
+        _wait_cloud_init(dom, timeout=max(1.0, timeout - (time.monotonic() - began)))
+    return time.monotonic() - began
+
+
+# `cloud-init status --wait` returns once cloud-init is done (or failed); the report is
+# then `status: done|error|disabled` plus detail lines
+_CLOUD_INIT_WAIT = (
+    "command -v cloud-init >/dev/null || { echo 'status: absent'; exit 0; }; "
+    "cloud-init status --wait >/dev/null 2>&1; cloud-init status --long 2>&1"
+)
+
+
+def wait_for_guest(
+    dom: libvirt.virDomain, *, timeout: float, cloud_init: bool, interval: float = 0.1
+) -> float:
+    """:func:`wait_for_agent`, then (``cloud_init``) for cloud-init to finish."""
+    began = time.monotonic()
+    wait_for_agent(dom, timeout=timeout, interval=interval)
+    if cloud_init:
+        _wait_cloud_init(dom, timeout=max(1.0, timeout - (time.monotonic() - began)))
+    return time.monotonic() - began
+
+
+def _wait_cloud_init(dom: libvirt.virDomain, *, timeout: float) -> None:
+    name = dom.name()
+    result = Agent(dom).script(_CLOUD_INIT_WAIT, timeout=timeout)
+    text = result.stdout.decode(errors="replace")
+    fields = dict(
+        line.split(":", 1) for line in text.splitlines() if ":" in line and not line[0].isspace()
+    )
+    state = fields.get("status", "").strip()
+    if state == "error":
+        detail = " ".join(text.split("detail:", 1)[-1].split())[:200]
+        raise StateError(
+            f"cloud-init in {name} ended in error: {detail or 'no detail'}",
+            hint=f"`ozone exec {name} -- cloud-init status --long`, and its log "
+            "/var/log/cloud-init.log, say more",
+        )
 
 
 def wait_for_agent(
