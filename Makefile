@@ -34,6 +34,7 @@ PY_SOURCES := ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-
 test: setup-test
 	@scripts/build-guest-iso
 	@scripts/build-debian-image
+	@OZONE_IMAGE_DIR=$(CURDIR)/build/images $(OZONE) image build examples/debian.yaml
 	@$(VENV)/bin/ruff check $(PY_SOURCES)
 	@$(VENV)/bin/ruff format --check $(PY_SOURCES)
 	@$(PY) -m mypy

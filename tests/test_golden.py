@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 
 from ozone_libvirt import domain_xml as dx
+from ozone_libvirt import images
 from ozone_libvirt.config import parse_config, read_config_data
 
 from .conftest import REPO
 
 EXAMPLES = sorted(p for p in (REPO / "examples").iterdir() if p.suffix in (".json", ".yaml"))
 GOLDEN_ROOT = Path("/srv/ozone")
+GOLDEN_STORE = images.SYSTEM_STORE
 GOLDEN_FACTS = dx.HostFacts(
     kvm=True, log_dir=Path("/var/log/libvirt/qemu"), qmp_dir=Path("/var/lib/ozone/qmp")
 )
@@ -24,6 +26,7 @@ GOLDEN_FACTS = dx.HostFacts(
 
 def render(example: Path) -> str:
     cfg = parse_config(read_config_data(example), source=GOLDEN_ROOT / "examples" / example.name)
+    cfg = images.resolve(cfg, store=GOLDEN_STORE).config  # configs with an image
     formats = {d.backing: "qcow2" for d in cfg.disks if d.backing}  # as define finds them
     root = dx.build_domain(
         cfg,
