@@ -10,7 +10,9 @@ a lock. A free lock means a dead owner, so what it covers is debris:
   (through the guest agent; a guest that is not running keeps its folder until it runs);
 * runs of `ozone exec`: their folders in the guest's stage (a program still running gets
   its stdin closed, and removes its folder when it ends);
-* QMP sockets of VMs that no longer exist.
+* QMP sockets of VMs that no longer exist;
+* the image store: half-made images of builds and pulls that died, and cloud-init seeds no
+  VM or boot cache entry uses.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from .cache import prune_cache
 from .connection import domain_metadata, open_connection, translate
 from .errors import OzoneError
 from .execute import STAGE_FOLDER
+from .images import store_debris
 from .rundir import reap_runs
 from .state import qmp_folder, stale_leases
 from .transfer import GUEST_PART, HOST_PART
@@ -70,6 +73,7 @@ def collect(conn: libvirt.virConnect, *, dry_run: bool = False) -> GcResult:
     result = GcResult(dry_run=dry_run)
     result.removed += reap_runs(conn, dry_run=dry_run)
     result.removed += prune_cache(dry_run=dry_run)
+    result.removed += store_debris(conn, dry_run=dry_run)
     _host_parts(result)
     _guest_leftovers(conn, result)
     _qmp_sockets(conn, result)

@@ -272,10 +272,10 @@ def _image_lock(store: Path, image_id: str) -> Iterator[None]:
     from .state import private_dir
 
     store.mkdir(parents=True, exist_ok=True, mode=0o755)
-    folder = private_dir(state_dir() / "locks")
-    name = hashlib.sha256(str(store).encode()).hexdigest()[:8]
-    lock = folder / f"image-{name}-{image_id}.lock"
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    private_dir(state_dir() / "locks")
+    fd = os.open(
+        _lock_path(store, image_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -530,22 +530,31 @@ def ensure(
     if resolved.ref is not None and obtain(resolved.ref, store, report=report, progress=progress):
         made.append(resolved.base or store)
     seed, files = resolved.seed, resolved.seed_files
-    if seed is not None and files is not None and write_seed(seed, files):
-        made.append(seed)
+    if seed is not None and files is not None:
+        from .connection import host_facts
+        from .storage import parse_label
+
+        qemu = parse_label(host_facts(conn).qemu_label)
+        if write_seed(seed, files, group=qemu[1] if qemu else None):
+            made.append(seed)
     ensure_pool(conn, store)
     return made
 
 
-def write_seed(path: Path, files: dict[str, bytes]) -> bool:
-    """The seed ISO at ``path`` (content-addressed: an existing one is the same): 0444,
-    readable by QEMU."""
+def write_seed(path: Path, files: dict[str, bytes], *, group: int | None) -> bool:
+    """The seed ISO at ``path`` (content-addressed: an existing one is the same). A seed may
+    hold secrets (write_files, user_data): mode 0440, group QEMU's (``group``), so that QEMU
+    and root read it and other users of the host do not (0400 without a group)."""
     if path.is_file():
         return False
     data = cloudinit.make_iso(files)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
-    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
     try:
         with os.fdopen(fd, "wb") as handle:
+            if group is not None:
+                os.fchown(handle.fileno(), -1, group)
+                os.fchmod(handle.fileno(), 0o440)
             handle.write(data)
         os.replace(part, path)
     finally:
@@ -756,3 +765,60 @@ def _obtain_timed(
     made = obtain(ref, store, report=report, progress=progress)
     ensure_pool(conn, store)
     return ObtainResult(ref.id, str(ref.disk(store)), made, round(time.monotonic() - began, 2))
+
+
+# --- what dead commands left ---------------------------------------------------------------
+
+SEED_GRACE = 600  # seconds: a seed this young may belong to a define still under way
+
+
+def _lock_path(store: Path, image_id: str) -> Path:
+    name = hashlib.sha256(str(store).encode()).hexdigest()[:8]
+    return state_dir() / "locks" / f"image-{name}-{image_id}.lock"
+
+
+def _lock_free(store: Path, image_id: str) -> bool:
+    try:
+        fd = os.open(_lock_path(store, image_id), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def store_debris(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str]:
+    """For `ozone gc`: half-made images of builds and pulls that died, and cloud-init seeds
+    no VM and no boot cache entry uses (seeds are made again when needed)."""
+    from .cache import list_cache
+    from .vm import neighbours
+
+    store = store_dir()
+    if not store.is_dir():
+        return []
+    removed = []
+    for left in sorted(store.glob(".build-*")) + sorted(store.glob(".pull-*")):
+        image_id = left.name.split("-", 1)[1].rsplit("-", 1)[0]
+        if _lock_free(store, image_id):
+            removed.append(str(left))
+            if not dry_run:
+                _sweep(store, image_id)
+    now = time.time()
+    seeds = [p for p in store.glob("seed-*.iso") if now - p.stat().st_mtime > SEED_GRACE]
+    seeds += [p for p in store.glob(".seed-*.part") if now - p.stat().st_mtime > 60]
+    if seeds:
+        around = neighbours(conn, local=is_local(conn))
+        cached = {f for entry in list_cache() for f in entry.files}
+        for seed in seeds:
+            if around.uses(seed) or str(seed) in cached:
+                continue
+            removed.append(str(seed))
+            if not dry_run:
+                seed.unlink(missing_ok=True)
+    if removed and not dry_run:
+        refresh(conn, store)
+    return removed

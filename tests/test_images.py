@@ -263,3 +263,20 @@ def test_vm_on_a_pulled_image_and_what_rm_and_undefine_remove(store, server, ima
         assert base.name not in virsh("vol-list", pool_name(store))
     finally:
         remove_domain(name)
+
+
+def test_gc_removes_what_dead_builds_left_and_unused_seeds(store):
+    store.mkdir(parents=True, mode=0o755)
+    dead_build = store / ".build-debian-bookworm-0123456789ab-x1y2z3"
+    (dead_build / "rootfs").mkdir(parents=True)
+    old_seed = store / "seed-00112233445566ff.iso"
+    old_seed.write_bytes(b"seed")
+    young_seed = store / "seed-ffeeddccbbaa0099.iso"
+    young_seed.write_bytes(b"seed")
+    os.utime(old_seed, (1_000_000_000, 1_000_000_000))
+    proc = ozone(store, "gc", "--json")
+    assert proc.returncode == 0, proc.stderr
+    removed = json.loads(proc.stdout)["removed"]
+    assert str(dead_build) in removed and str(old_seed) in removed
+    assert not dead_build.exists() and not old_seed.exists()
+    assert young_seed.exists()  # may belong to a define under way
