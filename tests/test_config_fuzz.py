@@ -23,7 +23,17 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from lxml import etree
 
-from ozone_libvirt.config import DISK_KEYS, NETWORK_KEYS, QMP_KEYS, TOP_KEYS, load_config
+from ozone_libvirt.config import (
+    CLOUD_INIT_KEYS,
+    CLOUD_USER_KEYS,
+    DISK_KEYS,
+    IMAGE_KEYS,
+    NETWORK_KEYS,
+    QMP_KEYS,
+    TOP_KEYS,
+    WRITE_FILE_KEYS,
+    load_config,
+)
 from ozone_libvirt.domain_xml import HostFacts, build_domain, to_string
 from ozone_libvirt.errors import ConfigError
 
@@ -67,7 +77,10 @@ numbers = st.one_of(
     st.floats(),  # nan and infinities included
 )
 scalars = st.one_of(st.none(), st.booleans(), numbers, text)
-ALL_KEYS = TOP_KEYS + DISK_KEYS + NETWORK_KEYS + QMP_KEYS
+ALL_KEYS = (
+    TOP_KEYS + DISK_KEYS + NETWORK_KEYS + QMP_KEYS + IMAGE_KEYS + CLOUD_INIT_KEYS
+    + CLOUD_USER_KEYS + WRITE_FILE_KEYS
+)  # fmt: skip
 keys = st.one_of(st.sampled_from(ALL_KEYS), text)
 anything = st.recursive(
     scalars,
@@ -126,6 +139,30 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
     ),
     "graphics": st.sampled_from(["none", "vnc"]),
     "stage_dir": st.sampled_from(["/var/tmp", "/tmp/", "//srv//stage/../out"]),
+    "image": st.one_of(
+        st.sampled_from(["debian-12", "ubuntu-24.04"]),
+        st.fixed_dictionaries(
+            {"debian": st.sampled_from(["bookworm", "trixie"])},
+            optional={"packages": st.just(["gcc", "git"]), "size": sizes},
+        ),
+        st.fixed_dictionaries(
+            {"url": st.just("https://example.org/x.qcow2"), "sha256": st.just("ab" * 32)},
+            optional={"size": sizes},
+        ),
+    ),
+    "cloud_init": st.fixed_dictionaries(
+        {},
+        optional={
+            "hostname": st.sampled_from(["build", "a-b"]),
+            "users": st.just([{"name": "dev", "sudo": True}, "ops"]),
+            "packages": st.just(["git"]),
+            "write_files": st.just(
+                [{"path": "/etc/motd", "content": "hi\n", "permissions": "0644"}]
+            ),
+            "runcmd": st.just([["touch", "/x"], "echo hi"]),
+            "ssh_authorized_keys": st.just(["ssh-ed25519 AAAAC3Nza dev@x"]),
+        },
+    ),
 }
 assert set(VALID) == set(TOP_KEYS)
 
@@ -141,6 +178,21 @@ HOSTILE: dict[str, st.SearchStrategy[Any]] = {
     ),
     "network": st.fixed_dictionaries({}, optional={k: scalars for k in NETWORK_KEYS}),
     "qmp": st.fixed_dictionaries({"endpoint": text}, optional={"allow_remote": scalars}),
+    "image": st.fixed_dictionaries({}, optional={k: scalars for k in IMAGE_KEYS}),
+    "cloud_init": st.fixed_dictionaries(
+        {},
+        optional={
+            "users": st.lists(
+                st.fixed_dictionaries({}, optional={k: anything for k in CLOUD_USER_KEYS}),
+                max_size=2,
+            ),
+            "write_files": st.lists(
+                st.fixed_dictionaries({}, optional={k: scalars for k in WRITE_FILE_KEYS}),
+                max_size=2,
+            ),
+            **{k: anything for k in CLOUD_INIT_KEYS if k not in ("users", "write_files")},
+        },
+    ),
 }
 
 
