@@ -79,10 +79,22 @@ def config_for(workdir: Path, suffix: str, **changes: object) -> tuple[str, Path
     return name, path
 
 
-def remove_vm(name: str) -> None:
+def seed_of(path: Path) -> Path:
+    """The cloud-init seed a config gets (from the XML ozone makes for it)."""
+    from lxml import etree
+
+    root = etree.fromstring(oz("xml", str(path)).stdout.encode())
+    (source,) = root.xpath("devices/disk[readonly]/source/@file")
+    return Path(source)
+
+
+def remove_vm(name: str, path: Path) -> None:
+    seed = seed_of(path)
     oz("undefine", name, "--remove-storage", "--force")
     remove_domain(name)
     (STORE / f"{name}.root.qcow2").unlink(missing_ok=True)
+    assert seed.name.startswith("seed-")
+    seed.unlink(missing_ok=True)  # seeds stay with undefine (shared); this one is the test's
 
 
 # first in the file: it boots its own throwaway VMs before the module's VM exists
@@ -116,6 +128,7 @@ def test_run_cold_then_warm_from_the_boot_cache(image, workdir):
         assert any(Path(f).name.startswith("seed-") for f in files)
     finally:
         oz("cache", "clear", str(path))
+        seed_of(path).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +141,7 @@ def debian(image, workdir) -> Iterator[str]:
         assert proc.returncode == 0, proc.stderr
         yield name
     finally:
-        remove_vm(name)
+        remove_vm(name, path)
     assert image["path"] and Path(image["path"]).is_file()  # never removed with the VM
 
 
