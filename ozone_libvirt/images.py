@@ -255,11 +255,70 @@ def create_overlay(
     pool = ensure_pool(conn, store)
     xml = (
         f"<volume><name>{path.name}</name><capacity unit='bytes'>{size or virtual}</capacity>"
-        "<target><format type='qcow2'/><permissions><mode>0600</mode></permissions></target>"
+        "<target><format type='qcow2'/><compat>1.1</compat>"
+        "<permissions><mode>0600</mode></permissions></target>"
         f"<backingStore><path>{backing}</path><format type='{info.get('format', 'qcow2')}'/>"
         "</backingStore></volume>"
     )
     call(pool.createXML, xml, 0)
+
+
+def check_overlay(config: VMConfig, overlay: Disk) -> None:
+    """An existing boot disk of a VM being defined again must be an overlay over the image
+    the config names (its data would be garbage over another one), and no bigger than the
+    config's ``size`` (disks do not shrink). Checked before any image is built or pulled."""
+    from .storage import backing_file_of, image_info
+
+    if not overlay.path.exists():
+        return
+    file = str(config.source) if config.source else None
+    current = backing_file_of(overlay.path)
+    if current != overlay.backing:
+        raise ConflictError(
+            f"{config.name}'s boot disk {overlay.path} is an overlay over "
+            f"{current.name if current else 'no image'}, and the config now names "
+            f"{overlay.backing.name if overlay.backing else 'none'}: a disk cannot change "
+            "its image",
+            hint=f"keep the old image spec, or `ozone undefine {config.name} --remove-storage` "
+            f"(its disk's data goes) and define it again{f' from {file}' if file else ''}",
+        )
+    if overlay.size is None:
+        return
+    virtual = int(image_info(overlay.path).get("virtual-size", 0))  # type: ignore[call-overload]
+    if overlay.size < virtual:
+        raise ConfigError(
+            f"the boot disk is {virtual >> 20} MiB and disks do not shrink",
+            file=file,
+            field="image.size",
+            hint=f"give at least {virtual >> 30} GiB",
+        )
+
+
+def grow_overlay(
+    conn: libvirt.virConnect, config: VMConfig, overlay: Disk, *, running: bool
+) -> str | None:
+    """Grow an existing boot disk to the config's bigger ``size`` while the VM is off.
+    Returns a note for the user, or None."""
+    from .storage import image_info
+
+    if overlay.size is None or not overlay.path.exists():
+        return None
+    virtual = int(image_info(overlay.path).get("virtual-size", 0))  # type: ignore[call-overload]
+    if overlay.size == virtual:
+        return None
+    if running:
+        size = overlay.size >> 20
+        return f"the boot disk grows to {size} MiB when {config.name} is off and defined again"
+    vol = call(conn.storageVolLookupByPath, str(overlay.path))
+    try:
+        vol.resize(overlay.size, 0)
+    except libvirt.libvirtError as err:
+        detail = (err.get_error_message() or "").rsplit(": ", 1)[-1]
+        raise OzoneError(
+            f"cannot grow {config.name}'s boot disk to {overlay.size >> 20} MiB: {detail}",
+            hint="nothing was changed; keep the old size",
+        ) from None
+    return f"grew the boot disk to {overlay.size >> 20} MiB (the file system grows at boot)"
 
 
 # --- making images -------------------------------------------------------------------------

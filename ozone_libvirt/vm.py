@@ -309,6 +309,8 @@ def define(
     from .config import check_host_paths
 
     resolved = images.resolve(config)
+    if resolved.ref is not None:  # before building or pulling anything
+        images.check_overlay(resolved.config, resolved.config.disks[0])
     made = images.ensure(conn, resolved, report=report, progress=progress)
     config = resolved.config
     facts = host_facts(conn)
@@ -347,6 +349,13 @@ def define(
             config, facts=facts, qmp_endpoint=qmp, uuid=uuid, backing_formats=formats
         )
         overlay = config.disks[0] if resolved.ref is not None else None
+        if overlay is not None:
+            images.check_overlay(config, overlay)  # again: another define may have run
+            note = images.grow_overlay(
+                conn, config, overlay, running=existing is not None and is_active(existing)
+            )
+            if note:
+                notes.append(note)
         dom, created = _define_with_disks(
             conn, config, dx.to_string(root), local=local, overlay=overlay
         )

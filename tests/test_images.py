@@ -240,6 +240,23 @@ def test_vm_on_a_pulled_image_and_what_rm_and_undefine_remove(store, server, ima
             ).stdout
         )
         assert info["backing-filename"] == str(base) and info["virtual-size"] == 5 << 30
+        assert info["format-specific"]["data"]["compat"] == "1.1"
+        # defined again: a bigger size grows the disk, a smaller one and another image are
+        # refused before anything is downloaded
+        config["image"]["size"] = "6GiB"
+        path.write_text(json.dumps(config))
+        proc = ozone(store, "define", str(path))
+        assert proc.returncode == 0 and "grew the boot disk to 6144 MiB" in proc.stderr, proc.stderr
+        config["image"]["size"] = "4GiB"
+        path.write_text(json.dumps(config))
+        proc = ozone(store, "define", str(path))
+        assert proc.returncode == 2 and "disks do not shrink" in proc.stderr, proc.stderr
+        other = server.add("/images/other.qcow2", image_bytes)
+        config["image"] = {**config["image"], "url": other, "size": "6GiB"}
+        path.write_text(json.dumps(config))
+        proc = ozone(store, "define", str(path))
+        assert proc.returncode == 1 and "cannot change its image" in proc.stderr, proc.stderr
+        assert gets(server, "/images/other.qcow2") == 0
         # the image is in use: rm refuses, naming the VM
         proc = ozone(store, "image", "rm", base.stem)
         assert proc.returncode == 1 and name in proc.stderr, proc.stderr
