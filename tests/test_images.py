@@ -18,7 +18,9 @@ import pytest
 from ozone_libvirt.images import pool_name
 
 from .conftest import PREFIX, REPO, WORK_ROOT, oz_exec, ozone_env, remove_domain, run_ozone, virsh
-from .test_download import Server
+from .mirror import Server, _no_proxy_from_the_host, server
+
+__all__ = ["_no_proxy_from_the_host", "server"]  # fixtures, used by name
 
 pytestmark = [pytest.mark.libvirtd]
 
@@ -60,20 +62,6 @@ def env_for(store: Path, **extra: str) -> dict[str, str]:
 
 def ozone(store: Path, *args: str, timeout: float = 300, **extra: str):
     return run_ozone(*args, env=env_for(store, **extra), timeout=timeout)
-
-
-@pytest.fixture
-def server() -> Iterator[Server]:
-    srv = Server()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy(monkeypatch):
-    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.upper(), raising=False)
 
 
 def gets(server: Server, path: str) -> int:
