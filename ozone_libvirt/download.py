@@ -21,6 +21,7 @@ import os
 import posixpath
 import re
 import shutil
+import stat
 import tempfile
 import time
 import urllib.error
@@ -279,9 +280,15 @@ def _status_line(code: int, reason: str) -> str:
 def _open_file(parts: urllib.parse.SplitResult, have: int, url: str) -> _Body:
     path = urllib.request.url2pathname(urllib.parse.unquote(parts.path))
     try:
-        handle = open(path, "rb")  # noqa: SIM115 - closed by _Body.close
+        # non-blocking: a FIFO must not hang the open; only a regular file is an image
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as err:
         raise DownloadError(f"cannot read {show_url(url)}: {_reason(err)}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise DownloadError(f"{show_url(url)} is not a regular file")
+    os.set_blocking(fd, True)
+    handle = os.fdopen(fd, "rb")
     try:
         total = os.fstat(handle.fileno()).st_size
         if have and have >= total:

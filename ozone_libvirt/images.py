@@ -32,6 +32,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import libvirt
+from lxml import etree
+from lxml.builder import E
 
 from . import cloudinit
 from .config import Disk, Image, VMConfig
@@ -48,6 +50,10 @@ BUILDER = Path(__file__).parent / "data" / "build-debian-image"
 DEBIAN_CMDLINE = "root=/dev/vda rw console=ttyS0"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
 DEBIAN_IMAGE_SIZE = 4 * 1024**3  # the builder's file system (grown to the disk at boot)
+# Part of every built image's name. Raise it when the builder makes a different image for the
+# same spec, and only then: a VM's boot disk stays an overlay over the image it was made on,
+# so a new name means existing VMs must be made again before they can be redefined.
+BUILDER_VERSION = 1
 
 
 def store_dir() -> Path:
@@ -91,10 +97,6 @@ class ImageRef:
         return store / f"{self.id}.json"
 
 
-def _builder_digest() -> str:
-    return hashlib.sha256(BUILDER.read_bytes()).hexdigest()[:16]
-
-
 def _digest(spec: dict[str, Any]) -> str:
     text = json.dumps(spec, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
@@ -109,7 +111,7 @@ def image_ref(image: Image, *, cloud_init: bool) -> ImageRef:
             "packages": sorted(image.packages),
             "mirror": image.mirror or DEBIAN_MIRROR,
             "cloud_init": cloud_init,
-            "builder": _builder_digest(),
+            "builder": BUILDER_VERSION,
         }
         return ImageRef(f"debian-{image.debian}-{_digest(spec)}", spec)
     assert image.url is not None
@@ -215,13 +217,20 @@ def _ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePoo
         if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
             raise translate(err) from None
         store.mkdir(parents=True, exist_ok=True, mode=0o755)
-        xml = (
-            f"<pool type='dir'><name>{name}</name><target><path>{store}</path>"
-            "<permissions><mode>0755</mode></permissions></target></pool>"
+        xml = E.pool(
+            E.name(name),
+            E.target(E.path(str(store)), E.permissions(E.mode("0755"))),
+            type="dir",
         )
-        pool = call(conn.storagePoolDefineXML, xml, 0)
+        pool = call(conn.storagePoolDefineXML, etree.tostring(xml, encoding="unicode"), 0)
         with contextlib.suppress(libvirt.libvirtError):
             pool.setAutostart(1)
+    target = etree.fromstring(call(pool.XMLDesc, 0).encode()).findtext("target/path")
+    if target is None or Path(target) != store:
+        raise ConflictError(
+            f"libvirt's storage pool {name} is the folder {target}, not the image store {store}",
+            hint=f"`virsh pool-destroy {name}; virsh pool-undefine {name}`: ozone defines it again",
+        )
     if not pool.isActive():
         store.mkdir(parents=True, exist_ok=True, mode=0o755)
         call(pool.create, 0)
@@ -253,14 +262,13 @@ def create_overlay(
             hint="give at least the image's size, or leave size out",
         )
     pool = ensure_pool(conn, store)
-    xml = (
-        f"<volume><name>{path.name}</name><capacity unit='bytes'>{size or virtual}</capacity>"
-        "<target><format type='qcow2'/><compat>1.1</compat>"
-        "<permissions><mode>0600</mode></permissions></target>"
-        f"<backingStore><path>{backing}</path><format type='{info.get('format', 'qcow2')}'/>"
-        "</backingStore></volume>"
+    xml = E.volume(
+        E.name(path.name),
+        E.capacity(str(size or virtual), unit="bytes"),
+        E.target(E.format(type="qcow2"), E.compat("1.1"), E.permissions(E.mode("0600"))),
+        E.backingStore(E.path(str(backing)), E.format(type=str(info.get("format", "qcow2")))),
     )
-    call(pool.createXML, xml, 0)
+    call(pool.createXML, etree.tostring(xml, encoding="unicode"), 0)
 
 
 def check_overlay(config: VMConfig, overlay: Disk) -> None:
@@ -347,15 +355,28 @@ def present(ref: ImageRef, store: Path) -> bool:
 
 
 def _install(ref: ImageRef, store: Path, made: dict[Path, Path], facts: dict[str, Any]) -> None:
-    """Move the made files into the store, read-only, and write the JSON last."""
-    for source, target in made.items():
-        source.chmod(0o444)
-        os.replace(source, target)
-    meta = {"id": ref.id, "spec": ref.spec, "created": time.time(), **facts}
-    part = ref.meta(store).with_suffix(".json.part")
-    part.write_text(json.dumps(meta, indent=2) + "\n")
-    part.chmod(0o444)
-    os.replace(part, ref.meta(store))
+    """Move the made files into the store, read-only, and write the JSON last (an image
+    exists when its JSON does; on a failure, nothing of it stays). The JSON is readable by
+    everyone: a URL's user and password are not in it."""
+    from .download import show_url
+
+    spec = dict(ref.spec)
+    for key in ("url", "checksum_url"):
+        if key in spec:
+            spec[key] = show_url(spec[key], width=4096)
+    meta = {"id": ref.id, "spec": spec, "created": time.time(), **facts}
+    part = ref.meta(store).with_name(f".{ref.id}.json.part")
+    try:
+        for source, target in made.items():
+            source.chmod(0o444)
+            os.replace(source, target)
+        part.write_text(json.dumps(meta, indent=2) + "\n")
+        part.chmod(0o444)
+        os.replace(part, ref.meta(store))
+    except OSError as err:
+        for target in (*made.values(), part):
+            target.unlink(missing_ok=True)
+        raise OzoneError(f"cannot store image {ref.id} in {store}: {err.strerror}") from None
 
 
 def build(ref: ImageRef, store: Path, *, report: Report = lambda _t: None) -> bool:
@@ -450,15 +471,25 @@ def _run_builder(env: dict[str, str], log_path: Path, report: Report) -> None:
         )
 
 
-def _sweep(store: Path, image_id: str) -> None:
-    """Remove what a killed build or pull of this image left (we hold its lock)."""
+def _leftovers(store: Path, image_id: str) -> list[Path]:
+    """The work folders of builds and the files of pulls of exactly this image."""
+    found = []
     for prefix in (f".build-{image_id}-", f".pull-{image_id}-"):
         for left in store.glob(prefix + "*"):
-            if left.is_dir() and not left.is_symlink():
-                _unmount_below(left)
-                shutil.rmtree(left, ignore_errors=True)
-            else:
-                left.unlink(missing_ok=True)
+            tail = left.name[len(prefix) :].removesuffix(".qcow2")
+            if tail and "-" not in tail:  # not another image whose id starts like this one
+                found.append(left)
+    return found
+
+
+def _sweep(store: Path, image_id: str) -> None:
+    """Remove what a killed build or pull of this image left (we hold its lock)."""
+    for left in _leftovers(store, image_id):
+        if left.is_dir() and not left.is_symlink():
+            _unmount_below(left)
+            shutil.rmtree(left, ignore_errors=True)
+        else:
+            left.unlink(missing_ok=True)
 
 
 def _unmount_below(folder: Path) -> None:
@@ -489,6 +520,7 @@ def pull(
             return False
         _sweep(store, ref.id)
         url = ref.spec["url"]
+        shown = download.show_url(url)
         checksum = download.resolve_checksum(
             url,
             sha256=ref.spec.get("sha256"),
@@ -501,7 +533,7 @@ def pull(
         partial = partial_dir / f"{ref.id}.part"
         fetched = store / f".pull-{ref.id}-{os.getpid()}"
         began = time.monotonic()
-        report(f"downloading {url}")
+        report(f"downloading {shown}")
         try:
             download.download(
                 url,
@@ -516,7 +548,12 @@ def pull(
             info = image_info(fetched)
             fmt = str(info.get("format"))
             if info.get("backing-filename") or info.get("full-backing-filename"):
-                raise OzoneError(f"{url} is a qcow2 overlay (it names a backing file): refused")
+                raise OzoneError(f"{shown} is a qcow2 overlay (it names a backing file): refused")
+            specific = info.get("format-specific")
+            data = specific.get("data", {}) if isinstance(specific, dict) else {}
+            if isinstance(data, dict) and data.get("data-file"):
+                # QEMU would open that host file read-write as the VM's data
+                raise OzoneError(f"{shown} names an external data file: refused")
             if fmt == "raw":
                 report("converting the raw image to qcow2")
                 converted = fetched.with_name(fetched.name + ".qcow2")
@@ -524,7 +561,7 @@ def pull(
                 fetched.unlink()
                 fetched = converted
             elif fmt != "qcow2":
-                raise OzoneError(f"{url} is a {fmt} image; ozone takes qcow2 or raw images")
+                raise OzoneError(f"{shown} is a {fmt} image; ozone takes qcow2 or raw images")
             facts = {
                 "checksum": str(checksum),
                 "bytes": size,
@@ -578,42 +615,73 @@ def ensure(
     define, with the other disks). Returns the files made now."""
     if resolved.ref is None and resolved.seed is None:
         return []
+    check_store_host(conn)
+    store = (resolved.base or resolved.seed or store_dir()).parent
+    try:
+        return _ensure(conn, resolved, store, report=report, progress=progress)
+    except OSError as err:
+        raise OzoneError(
+            f"{err.filename or store}: {err.strerror}", hint=f"the image store is {store}"
+        ) from None
+
+
+def check_store_host(conn: libvirt.virConnect) -> None:
+    """The store is a folder of this host, which QEMU of the system daemon must read."""
     if not is_local(conn):
         raise OzoneError(
             "images and cloud-init seeds are made on this host only for now; "
             "this VM's host is another machine",
             hint="define it on its own host, or without image/cloud_init",
         )
-    store = (resolved.base or resolved.seed or store_dir()).parent
+    if os.geteuid() != 0 and not conn.getURI().startswith("qemu:///session"):
+        raise OzoneError(
+            f"VMs with an image or cloud_init on {conn.getURI()} need root: the image store "
+            f"{SYSTEM_STORE} and its pool are root's",
+            hint="run ozone with sudo (or use qemu:///session, with a store of your own)",
+        )
+
+
+def _ensure(
+    conn: libvirt.virConnect,
+    resolved: Resolved,
+    store: Path,
+    *,
+    report: Report,
+    progress: Progress | None,
+) -> list[Path]:
     made: list[Path] = []
     if resolved.ref is not None and obtain(resolved.ref, store, report=report, progress=progress):
         made.append(resolved.base or store)
     seed, files = resolved.seed, resolved.seed_files
     if seed is not None and files is not None:
         from .connection import host_facts
+        from .state import host_lock
         from .storage import parse_label
 
         qemu = parse_label(host_facts(conn).qemu_label)
-        if write_seed(seed, files, group=qemu[1] if qemu else None):
-            made.append(seed)
+        with host_lock("define"):  # `ozone gc` removes unused seeds under this lock
+            if write_seed(seed, files, owner=qemu):
+                made.append(seed)
     ensure_pool(conn, store)
     return made
 
 
-def write_seed(path: Path, files: dict[str, bytes], *, group: int | None) -> bool:
-    """The seed ISO at ``path`` (content-addressed: an existing one is the same). A seed may
-    hold secrets (write_files, user_data): mode 0440, group QEMU's (``group``), so that QEMU
-    and root read it and other users of the host do not (0400 without a group)."""
+def write_seed(path: Path, files: dict[str, bytes], *, owner: tuple[int, int] | None) -> bool:
+    """The seed ISO at ``path`` (content-addressed: an existing one is the same, and is
+    touched, so that `ozone gc` sees it in use). A seed may hold secrets (write_files,
+    user_data): mode 0400, owned by QEMU's user (``owner``), so that QEMU and root read it
+    and no other user of the host does (not even QEMU's group, often ``kvm``)."""
     if path.is_file():
+        with contextlib.suppress(OSError):
+            os.utime(path)
         return False
     data = cloudinit.make_iso(files)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o400)
     try:
         with os.fdopen(fd, "wb") as handle:
-            if group is not None:
-                os.fchown(handle.fileno(), -1, group)
-                os.fchmod(handle.fileno(), 0o440)
+            if owner is not None:
+                os.fchown(handle.fileno(), owner[0], owner[1])
             handle.write(data)
         os.replace(part, path)
     finally:
@@ -639,7 +707,8 @@ class ImageInfo:
 
 def _source_text(spec: dict[str, Any]) -> str:
     if "debian" in spec:
-        extra = f" +{len(spec['packages'])} packages" if spec["packages"] else ""
+        packages = spec.get("packages") or []
+        extra = f" +{len(packages)} packages" if packages else ""
         ci = " +cloud-init" if spec.get("cloud_init") else ""
         return f"debian {spec['debian']}{extra}{ci}"
     return str(spec.get("name") or spec.get("url"))
@@ -681,18 +750,23 @@ def list_images(conn: libvirt.virConnect, store: Path | None = None) -> list[Ima
                 source=_source_text(ref.spec),
                 bytes=size,
                 used_by=users,
-                created=float(meta.get("created", 0)),
+                created=_number(meta.get("created")),
                 path=str(ref.disk(store)),
             )
         )
     return infos
 
 
+def _number(value: object) -> float:
+    return float(value) if isinstance(value, (int, float)) else 0.0
+
+
 def find_image(name: str, store: Path) -> ImageRef:
     """An image by its id, a unique prefix of it, or its catalogue name."""
     refs = stored(store)
     exact = [r for r in refs if r.id == name or r.spec.get("name") == name]
-    found = exact or [r for r in refs if r.id.startswith(name)]
+    # a prefix names an image only when it is a real part of the id (not "", not "d")
+    found = exact or [r for r in refs if len(name) >= 4 and r.id.startswith(name)]
     if not found:
         raise NotFoundError(f"no image {name!r} in {store}", hint="`ozone image list` shows them")
     if len(found) > 1:
@@ -805,7 +879,10 @@ def pull_image(
     try:  # the same checks as the config key
         spec = parse_config({"name": "pull", "image": image}).image
     except ConfigError as err:
-        raise UsageError(err.message.removeprefix("image: ").removeprefix("image.")) from None
+        option = {"image.url": "URL", "image": "URL"}.get(
+            err.field or "", f"--{(err.field or '').removeprefix('image.').replace('_', '-')}"
+        )
+        raise UsageError(f"{option}: {err.message.split(': ', 1)[-1]}", hint=err.hint) from None
     assert spec is not None
     return _obtain_timed(conn, image_ref(spec, cloud_init=False), report=report, progress=progress)
 
@@ -817,8 +894,7 @@ def _obtain_timed(
     report: Report,
     progress: Progress | None = None,
 ) -> ObtainResult:
-    if not is_local(conn):
-        raise OzoneError("the image store is on this host only for now; the URI names another")
+    check_store_host(conn)
     store = store_dir()
     began = time.monotonic()
     made = obtain(ref, store, report=report, progress=progress)
@@ -836,48 +912,72 @@ def _lock_path(store: Path, image_id: str) -> Path:
     return state_dir() / "locks" / f"image-{name}-{image_id}.lock"
 
 
-def _lock_free(store: Path, image_id: str) -> bool:
+@contextlib.contextmanager
+def _lock_if_free(store: Path, image_id: str) -> Iterator[bool]:
+    """The image's lock, if no build or pull holds it (True), held for the block."""
     try:
         fd = os.open(_lock_path(store, image_id), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
-        return True
+        yield True  # nothing has ever made this image here: nothing runs
+        return
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
     finally:
         os.close(fd)
 
 
+def _age(path: Path, now: float) -> float:
+    try:
+        return now - path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
 def store_debris(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str]:
-    """For `ozone gc`: half-made images of builds and pulls that died, and cloud-init seeds
-    no VM and no boot cache entry uses (seeds are made again when needed)."""
+    """For `ozone gc`: half-made images of builds and pulls that died, downloads left
+    unfinished for a day, and cloud-init seeds that no VM and no boot cache entry uses
+    (seeds are made again when needed; one used in the last 10 minutes stays)."""
     from .cache import list_cache
+    from .state import host_lock
     from .vm import neighbours
 
     store = store_dir()
     if not store.is_dir():
         return []
     removed = []
-    for left in sorted(store.glob(".build-*")) + sorted(store.glob(".pull-*")):
-        image_id = left.name.split("-", 1)[1].rsplit("-", 1)[0]
-        if _lock_free(store, image_id):
-            removed.append(str(left))
-            if not dry_run:
-                _sweep(store, image_id)
+    work = [*store.glob(".build-*-*"), *store.glob(".pull-*-*")]
+    ids = {left.name.split("-", 1)[1].rsplit("-", 1)[0] for left in work}
+    for image_id in sorted(ids):
+        with _lock_if_free(store, image_id) as free:
+            left = _leftovers(store, image_id)
+            if free and left:
+                removed += [str(p) for p in left]
+                if not dry_run:
+                    _sweep(store, image_id)
     now = time.time()
-    seeds = [p for p in store.glob("seed-*.iso") if now - p.stat().st_mtime > SEED_GRACE]
-    seeds += [p for p in store.glob(".seed-*.part") if now - p.stat().st_mtime > 60]
-    if seeds:
-        around = neighbours(conn, local=is_local(conn))
-        cached = {f for entry in list_cache() for f in entry.files}
-        for seed in seeds:
-            if around.uses(seed) or str(seed) in cached:
-                continue
-            removed.append(str(seed))
-            if not dry_run:
-                seed.unlink(missing_ok=True)
+    for partial in sorted((state_dir() / "downloads").glob("*.part")):
+        with _lock_if_free(store, partial.stem) as free:
+            if free and _age(partial, now) > 86400:
+                removed.append(str(partial))
+                if not dry_run:
+                    partial.unlink(missing_ok=True)
+    with host_lock("define"):  # a define picks its seed under this lock too
+        seeds = [p for p in store.glob("seed-*.iso") if _age(p, now) > SEED_GRACE]
+        seeds += [p for p in store.glob(".seed-*.part") if _age(p, now) > 60]
+        if seeds:
+            around = neighbours(conn, local=is_local(conn))
+            cached = {f for entry in list_cache() for f in entry.files}
+            for seed in seeds:
+                if around.uses(seed) or str(seed) in cached:
+                    continue
+                removed.append(str(seed))
+                if not dry_run:
+                    seed.unlink(missing_ok=True)
     if removed and not dry_run:
         refresh(conn, store)
     return removed

@@ -104,12 +104,14 @@ def activity(text: str, *, enabled: bool = True) -> Iterator[tuple[Report, Advan
     )
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    from rich.markup import escape
+
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task(text, total=None)
+        task = bar.add_task(escape(text), total=None)
         state: dict[str, Any] = {}
 
-        def report(line: str) -> None:
-            bar.update(task, description=f"{text} {line}")
+        def report(line: str) -> None:  # a line may hold "[...]" (a URL): not markup
+            bar.update(task, description=escape(f"{text} {line}"))
 
         def advance(done: int, total: int | None) -> None:
             if "bytes" not in state:

@@ -309,19 +309,20 @@ def define(
     from .config import check_host_paths
 
     resolved = images.resolve(config)
-    if resolved.ref is not None:  # before building or pulling anything
-        images.check_overlay(resolved.config, resolved.config.disks[0])
-    made = images.ensure(conn, resolved, report=report, progress=progress)
     config = resolved.config
     facts = host_facts(conn)
+    # what can be checked before an image is built or downloaded, is
     dx.domain_type(config, facts)  # refuses kvm where there is none, before any change
     dx.check_machine(config, facts)
+    _check_network(conn, config)
+    if resolved.ref is not None:
+        images.check_overlay(config, config.disks[0])
+    made = images.ensure(conn, resolved, report=report, progress=progress)
     local = is_local(conn)
     formats: dict[Path, str] = {}
     if local:
         check_host_paths(config)
         formats = _readable_inputs(config, facts)
-    _check_network(conn, config)
     notes = []
     if config.qmp.kind == "auto" and not (local and _qmp_folder_ready(facts)):
         facts = dataclasses.replace(facts, qmp_dir=None)
@@ -525,17 +526,13 @@ def wait_agent(
             hint='set "agent": true in its config and `ozone define` it again',
         )
     meta = dx.parse_metadata(xml)
-    cloud_init = meta is not None and meta.cloud_init
-    began = time.monotonic()
-    if cloud_init and not Agent(dom).answers(timeout=1):
-        report("the guest agent (on first boot, cloud-init may be installing it)")
-    else:
-        report("the guest agent")
-    wait_for_agent(dom, timeout=timeout, hint=f"`ozone start {name}`")
-    if cloud_init:
-        report("cloud-init to finish")
-        _wait_cloud_init(dom, timeout=max(1.0, timeout - (time.monotonic() - began)))
-    return time.monotonic() - began
+    return wait_for_guest(
+        dom,
+        timeout=timeout,
+        cloud_init=meta is not None and meta.cloud_init,
+        report=report,
+        hint=f"`ozone start {name}`",
+    )
 
 
 # `cloud-init status --wait` returns once cloud-init is done (or failed); the report is
@@ -547,13 +544,32 @@ _CLOUD_INIT_WAIT = (
 
 
 def wait_for_guest(
-    dom: libvirt.virDomain, *, timeout: float, cloud_init: bool, interval: float = 0.1
+    dom: libvirt.virDomain,
+    *,
+    timeout: float,
+    cloud_init: bool,
+    interval: float = 0.1,
+    report: Callable[[str], None] = lambda _text: None,
+    hint: str | None = None,
 ) -> float:
-    """:func:`wait_for_agent`, then (``cloud_init``) for cloud-init to finish."""
+    """:func:`wait_for_agent`, then (``cloud_init``) for cloud-init to finish; returns the
+    seconds waited. ``report`` hears what is waited for."""
     began = time.monotonic()
-    wait_for_agent(dom, timeout=timeout, interval=interval)
+    if cloud_init and not Agent(dom).answers(timeout=1):
+        report("the guest agent (on a first boot, cloud-init may be installing it)")
+    else:
+        report("the guest agent")
+    wait_for_agent(dom, timeout=timeout, interval=interval, hint=hint)
     if cloud_init:
-        _wait_cloud_init(dom, timeout=max(1.0, timeout - (time.monotonic() - began)))
+        report("cloud-init to finish")
+        left = max(1.0, timeout - (time.monotonic() - began))
+        try:
+            _wait_cloud_init(dom, timeout=left)
+        except TimeoutExpired:
+            raise TimeoutExpired(
+                f"cloud-init in {dom.name()} did not finish within {timeout:g} s",
+                hint=f"`ozone exec {dom.name()} -- cloud-init status --long` shows where it is",
+            ) from None
     return time.monotonic() - began
 
 
