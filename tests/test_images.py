@@ -181,6 +181,28 @@ def test_raw_images_become_qcow2_and_overlays_are_refused(store, server, tmp_pat
     proc = ozone(store, "image", "pull", url, "--sha256", hashlib.sha256(data).hexdigest())
     assert proc.returncode == 1 and "names a backing file" in proc.stderr, proc.stderr
     assert not [f for f in files_in(store) if f.startswith("sneaky")]
+    # nor one whose data lives in an external file QEMU would open read-write
+    outside = tmp_path / "outside.raw"
+    sneaky = tmp_path / "datafile.qcow2"
+    subprocess.run(
+        [
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-o",
+            f"data_file={outside}",
+            str(sneaky),
+            "1M",
+        ],
+        check=True,
+    )
+    data = sneaky.read_bytes()
+    url = server.add("/datafile.qcow2", data)
+    proc = ozone(store, "image", "pull", url, "--sha256", hashlib.sha256(data).hexdigest())
+    assert proc.returncode == 1 and "external data file" in proc.stderr, proc.stderr
+    assert not [f for f in files_in(store) if f.startswith("datafile")]
 
 
 def test_pull_usage_errors(store):
@@ -190,6 +212,7 @@ def test_pull_usage_errors(store):
         (("image", "pull", "https://example.org/x.qcow2", "--sha256", "12"), "64 hexadecimal"),
         (("image", "pull", "debian-12", "--sha256", "a" * 64), "comes from the catalogue"),
         (("image", "rm", "nosuchimage"), "no image 'nosuchimage'"),
+        (("image", "rm", ""), "no image ''"),
     ]:
         proc = ozone(store, *args)
         assert proc.returncode in (1, 2) and words in proc.stderr, (args, proc.stderr)
