@@ -333,9 +333,9 @@ def grow_overlay(
 
 
 @contextlib.contextmanager
-def _image_lock(store: Path, image_id: str) -> Iterator[None]:
+def _image_lock(store: Path, image_id: str, report: Report = lambda _t: None) -> Iterator[None]:
     """One build or pull of an image at a time (the lock lives with ozone's state, so the
-    store holds only images)."""
+    store holds only images); ``report`` hears when another command holds it."""
     from .state import private_dir
 
     store.mkdir(parents=True, exist_ok=True, mode=0o755)
@@ -344,7 +344,11 @@ def _image_lock(store: Path, image_id: str) -> Iterator[None]:
         _lock_path(store, image_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
     )
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            report(f"waiting for another ozone making {image_id}")
+            fcntl.flock(fd, fcntl.LOCK_EX)  # that one ends, or dies and drops the lock
         yield
     finally:
         os.close(fd)
@@ -388,7 +392,7 @@ def build(ref: ImageRef, store: Path, *, report: Report = lambda _t: None) -> bo
             "building an image needs root (mmdebstrap builds the root file system as root)",
             hint="run `sudo ozone image build CONFIG`",
         )
-    with _image_lock(store, ref.id):
+    with _image_lock(store, ref.id, report):
         if present(ref, store):
             return False
         _sweep(store, ref.id)
@@ -515,7 +519,7 @@ def pull(
     from . import download
     from .storage import image_info
 
-    with _image_lock(store, ref.id):
+    with _image_lock(store, ref.id, report):
         if present(ref, store):
             return False
         _sweep(store, ref.id)
