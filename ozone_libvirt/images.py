@@ -134,6 +134,18 @@ def _stem(url: str) -> str:
     return clean.strip(".-")[:48] or "image"
 
 
+def is_seed(path: Path) -> bool:
+    """A cloud-init seed of the image store (named by the hash of its content)."""
+    name = path.name
+    return (
+        path.parent == store_dir()
+        and name.startswith("seed-")
+        and name.endswith(".iso")
+        and len(name) == 25
+        and all(c in "0123456789abcdef" for c in name[5:21])
+    )
+
+
 def seed_path(store: Path, files: dict[str, bytes]) -> Path:
     digest = hashlib.sha256()
     for name in sorted(files):

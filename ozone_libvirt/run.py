@@ -77,8 +77,18 @@ def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -
         "libvirt": call(conn.getLibVersion),
         "machine": config.machine,
         "type": dx.domain_type(config, facts),
-        "files": {str(p): file_identity(p) for p in files if p is not None},
+        "files": {str(p): _identity(p) for p in files if p is not None},
     }
+
+
+def _identity(path: Path) -> str:
+    """What a file is, for the key: its size, mtime and inode; a cloud-init seed, whose name
+    is the hash of its content and whose mtime ozone refreshes while it is in use, by name."""
+    from .images import is_seed
+
+    if is_seed(path):
+        return f"content {path.name}"
+    return file_identity(path)
 
 
 # --- booting, saving, restoring ------------------------------------------------------------
