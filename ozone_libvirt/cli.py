@@ -913,11 +913,11 @@ def _obtained(result: Any, as_json: bool, verb: str) -> None:
 def image_build(config: ConfigArg, as_json: JsonOpt = False) -> None:
     """Build the image a config names (image: {debian: SUITE, packages: [...]}) unless the
     store has it."""
-    from . import images
+    from . import imagestore
 
     cfg = load(config)
     with connection() as conn, output.activity("Building:", enabled=not as_json) as steps:
-        result = images.build_config_image(conn, cfg, report=steps[0])
+        result = imagestore.build_config_image(conn, cfg, report=steps[0])
     _obtained(result, as_json, "built")
 
 
@@ -934,10 +934,10 @@ def image_pull(
 ) -> None:
     """Download an image into the store, verified, unless the store has it. Names:
     debian-12, debian-13, ubuntu-22.04, ubuntu-24.04."""
-    from . import images
+    from . import imagestore
 
     with connection() as conn, output.activity("Pulling:", enabled=not as_json) as steps:
-        result = images.pull_image(
+        result = imagestore.pull_image(
             conn,
             source,
             sha256=sha256,
@@ -955,11 +955,11 @@ def image_list(as_json: JsonOpt = False) -> None:
     """Show the store's images: id, source, size on disk, VMs using them, age."""
     import time
 
-    from . import images
+    from . import imagestore
     from .units import human_size
 
     with connection() as conn:
-        found = images.list_images(conn)
+        found = imagestore.list_images(conn)
     if as_json:
         output.emit_json([i.to_dict() for i in found])
         return
@@ -983,10 +983,10 @@ def image_rm(
     as_json: JsonOpt = False,
 ) -> None:
     """Delete an image no VM uses (its boot cache entries go with it)."""
-    from . import images
+    from . import imagestore
 
     with connection() as conn:
-        removed = images.remove_image(conn, image)
+        removed = imagestore.remove_image(conn, image)
     if as_json:
         output.emit_json({"removed": removed})
     else:

@@ -30,7 +30,7 @@ from .cache import prune_cache
 from .connection import domain_metadata, open_connection, translate
 from .errors import OzoneError
 from .execute import STAGE_FOLDER
-from .images import store_debris
+from .imagestore import store_debris
 from .rundir import reap_runs
 from .state import qmp_folder, stale_leases
 from .transfer import GUEST_PART, HOST_PART

@@ -245,14 +245,14 @@ def run(
     """Start a throwaway VM from ``config`` (restored from the boot cache when it can be),
     run ``argv`` in it as :func:`execute.run` does, remove the VM and its overlays (also on
     errors, timeouts and Ctrl-C). Returns the program's exit status."""
-    from . import images
+    from . import images, imagestore
 
     execute.check_argv(argv, exec_options.get("env"))
     exec_options["stage_dir"] = exec_options.get("stage_dir") or config.stage_dir
     execute.check_options(execute.ExecOptions(timeout=exec_options.get("timeout")))
     report = options.report
     resolved = images.resolve(config, for_run=True)
-    images.ensure(conn, resolved, report=report)
+    imagestore.ensure(conn, resolved, report=report)
     config = resolved.config
     facts = host_facts(conn)
     dx.check_machine(config, facts)

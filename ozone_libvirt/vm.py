@@ -305,7 +305,7 @@ def define(
     kept: the store's), then creates missing disk images and removes them again if libvirt
     refuses the domain, so a failed define leaves nothing of the VM's behind.
     """
-    from . import images
+    from . import images, imagestore
     from .config import check_host_paths
 
     resolved = images.resolve(config)
@@ -316,8 +316,8 @@ def define(
     dx.check_machine(config, facts)
     _check_network(conn, config)
     if resolved.ref is not None:
-        images.check_overlay(config, config.disks[0])
-    made = images.ensure(conn, resolved, report=report, progress=progress)
+        imagestore.check_overlay(config, config.disks[0])
+    made = imagestore.ensure(conn, resolved, report=report, progress=progress)
     local = is_local(conn)
     formats: dict[Path, str] = {}
     if local:
@@ -351,8 +351,8 @@ def define(
         )
         overlay = config.disks[0] if resolved.ref is not None else None
         if overlay is not None:
-            images.check_overlay(config, overlay)  # again: another define may have run
-            note = images.grow_overlay(
+            imagestore.check_overlay(config, overlay)  # again: another define may have run
+            note = imagestore.grow_overlay(
                 conn, config, overlay, running=existing is not None and is_active(existing)
             )
             if note:
@@ -389,7 +389,7 @@ def _define_with_disks(
     try:
         for i, disk in enumerate(config.disks):
             if disk == overlay and not disk.path.exists() and disk.backing is not None:
-                from .images import create_overlay
+                from .imagestore import create_overlay
 
                 create_overlay(conn, disk.path.parent, disk.path, disk.backing, disk.size)
                 created.append(disk.path)
