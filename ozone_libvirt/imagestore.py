@@ -392,7 +392,7 @@ def pull(
                 checksum=checksum,
                 partial=partial,
                 progress=progress,
-                stall_timeout=stall_timeout or float(os.environ.get("OZONE_STALL_TIMEOUT", 30)),
+                stall_timeout=stall_timeout or _stall_timeout(),
             )
             seconds = time.monotonic() - began
             size = fetched.stat().st_size
@@ -423,6 +423,15 @@ def pull(
         finally:
             fetched.unlink(missing_ok=True)
     return True
+
+
+def _stall_timeout() -> float:
+    """$OZONE_STALL_TIMEOUT (seconds, > 0), else 30."""
+    try:
+        value = float(os.environ.get("OZONE_STALL_TIMEOUT", "30"))
+    except ValueError:
+        return 30.0
+    return value if 0 < value < 86400 else 30.0
 
 
 def _qemu_img_convert(source: Path, target: Path) -> None:

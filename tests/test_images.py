@@ -170,39 +170,21 @@ def test_raw_images_become_qcow2_and_overlays_are_refused(store, server, tmp_pat
         ).stdout
     )
     assert info["format"] == "qcow2" and info["virtual-size"] == 16 << 20
-    # a qcow2 that names a backing file would make QEMU read a host file of its choosing
-    sneaky = tmp_path / "sneaky.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", "/etc/shadow", "-F", "raw", str(sneaky)],
-        check=True,
-    )
-    data = sneaky.read_bytes()
-    url = server.add("/sneaky.qcow2", data)
-    proc = ozone(store, "image", "pull", url, "--sha256", hashlib.sha256(data).hexdigest())
-    assert proc.returncode == 1 and "names a backing file" in proc.stderr, proc.stderr
-    assert not [f for f in files_in(store) if f.startswith("sneaky")]
-    # nor one whose data lives in an external file QEMU would open read-write
-    outside = tmp_path / "outside.raw"
-    sneaky = tmp_path / "datafile.qcow2"
-    subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            f"data_file={outside}",
-            str(sneaky),
-            "1M",
-        ],
-        check=True,
-    )
-    data = sneaky.read_bytes()
-    url = server.add("/datafile.qcow2", data)
-    proc = ozone(store, "image", "pull", url, "--sha256", hashlib.sha256(data).hexdigest())
-    assert proc.returncode == 1 and "external data file" in proc.stderr, proc.stderr
-    assert not [f for f in files_in(store) if f.startswith("datafile")]
+    # a qcow2 that names a backing file would make QEMU read a host file of its choosing,
+    # one with an external data file would make it open that file read-write
+    for name, options, words in [
+        ("sneaky", ["-b", "/etc/shadow", "-F", "raw"], "names a backing file"),
+        ("datafile", ["-o", f"data_file={tmp_path / 'outside.raw'}"], "external data file"),
+    ]:
+        image = tmp_path / f"{name}.qcow2"
+        subprocess.run(
+            ["qemu-img", "create", "-q", "-f", "qcow2", *options, str(image), "1M"], check=True
+        )
+        data = image.read_bytes()
+        url = server.add(f"/{name}.qcow2", data)
+        proc = ozone(store, "image", "pull", url, "--sha256", hashlib.sha256(data).hexdigest())
+        assert proc.returncode == 1 and words in proc.stderr, proc.stderr
+        assert not [f for f in files_in(store) if f.startswith(name)]
 
 
 def test_pull_usage_errors(store):
