@@ -379,6 +379,24 @@ def status(name: NameArg, as_json: JsonOpt = False) -> None:
 
 @app.command()
 @handles_errors
+def ip(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Show a running VM's network addresses (from its guest agent, else libvirt's DHCP
+    leases, else the host's ARP table); loopback left out."""
+    from .addresses import guest_addresses
+
+    with connection() as conn:
+        result = guest_addresses(conn, name)
+    if as_json:
+        output.emit_json(result.to_dict())
+        return
+    rows = [[i.name, i.mac, a] for i in result.interfaces for a in i.addresses]
+    output.emit(output.table(["INTERFACE", "MAC", "ADDRESS"], rows))
+    where = {"agent": "the guest agent", "lease": "libvirt's DHCP leases", "arp": "the ARP table"}
+    output.info(f"(from {where[result.source]})")
+
+
+@app.command()
+@handles_errors
 def xml(
     config: ConfigArg,
     defined: Annotated[

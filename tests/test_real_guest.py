@@ -159,6 +159,14 @@ def test_cloud_init_did_its_work(debian):
     # the file system grew to the 8 GiB disk, DHCP gave the user-net address
     assert int(sh(debian, "df --output=size -B1G / | tail -1")) >= 7
     assert "10.0.2.15/24" in sh(debian, "ip -br -4 addr show")
+    # `ozone ip` asks the agent: on user-mode networking nothing else knows the address
+    proc = oz("ip", debian, "--json")
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert found["source"] == "agent"
+    addresses = [a for i in found["interfaces"] for a in i["addresses"]]
+    assert "10.0.2.15/24" in addresses
+    assert not [a for a in addresses if a.startswith(("127.", "::1/"))]
 
 
 def test_exec_on_a_debian_userland(debian):
