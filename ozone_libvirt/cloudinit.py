@@ -57,11 +57,16 @@ def default_ssh_keys(home: Path | None = None) -> tuple[str, ...]:
     return tuple(keys)
 
 
-def instance_id(config: VMConfig, files: dict[str, bytes]) -> str:
-    digest = hashlib.sha256(config.name.encode())
+def files_digest(files: dict[str, bytes], *, prefix: bytes = b"") -> str:
+    """SHA-256 (hex) of ``prefix`` and the files, names and contents, in name order."""
+    digest = hashlib.sha256(prefix)
     for name in sorted(files):
         digest.update(name.encode() + b"\0" + files[name] + b"\0")
-    return "ozone-" + digest.hexdigest()[:16]
+    return digest.hexdigest()
+
+
+def instance_id(config: VMConfig, files: dict[str, bytes]) -> str:
+    return "ozone-" + files_digest(files, prefix=config.name.encode())[:16]
 
 
 def cloud_config(

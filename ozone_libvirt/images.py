@@ -35,7 +35,6 @@ POOL = "ozone-images"
 BUILDER = Path(__file__).parent / "data" / "build-debian-image"
 DEBIAN_CMDLINE = "root=/dev/vda rw console=ttyS0"
 DEBIAN_MIRROR = "http://deb.debian.org/debian"
-DEBIAN_IMAGE_SIZE = 4 * 1024**3  # the builder's file system (grown to the disk at boot)
 # Part of every built image's name. Raise it when the builder makes a different image for the
 # same spec, and only then: a VM's boot disk stays an overlay over the image it was made on,
 # so a new name means existing VMs must be made again before they can be redefined.
@@ -71,13 +70,17 @@ class ImageRef:
         return "debian" in self.spec
 
     def files(self, store: Path) -> list[Path]:
-        names = [f"{self.id}.qcow2"]
-        if self.debian:
-            names += [f"{self.id}.vmlinuz", f"{self.id}.initrd"]
-        return [store / n for n in names]
+        kernel = [self.kernel(store), self.initrd(store)] if self.debian else []
+        return [self.disk(store), *kernel]
 
     def disk(self, store: Path) -> Path:
         return store / f"{self.id}.qcow2"
+
+    def kernel(self, store: Path) -> Path:  # Debian builds: booted directly
+        return store / f"{self.id}.vmlinuz"
+
+    def initrd(self, store: Path) -> Path:
+        return store / f"{self.id}.initrd"
 
     def meta(self, store: Path) -> Path:
         return store / f"{self.id}.json"
@@ -133,10 +136,7 @@ def is_seed(path: Path) -> bool:
 
 
 def seed_path(store: Path, files: dict[str, bytes]) -> Path:
-    digest = hashlib.sha256()
-    for name in sorted(files):
-        digest.update(name.encode() + b"\0" + files[name] + b"\0")
-    return store / f"seed-{digest.hexdigest()[:16]}.iso"
+    return store / f"seed-{cloudinit.files_digest(files)[:16]}.iso"
 
 
 @dataclass(frozen=True)
@@ -174,8 +174,8 @@ def resolve(config: VMConfig, *, store: Path | None = None, for_run: bool = Fals
         disks.insert(0, root)
         if ref.debian and config.kernel is None:
             changes.update(
-                kernel=store / f"{ref.id}.vmlinuz",
-                initrd=store / f"{ref.id}.initrd",
+                kernel=ref.kernel(store),
+                initrd=ref.initrd(store),
                 cmdline=config.cmdline or DEBIAN_CMDLINE,
             )
     seed = files = None

@@ -262,8 +262,8 @@ def build(ref: ImageRef, store: Path, *, report: Report = lambda _t: None) -> bo
             _run_builder(env, log_path, report)
             made = {
                 work / "debian.qcow2": ref.disk(store),
-                work / "vmlinuz": store / f"{ref.id}.vmlinuz",
-                work / "initrd.img": store / f"{ref.id}.initrd",
+                work / "vmlinuz": ref.kernel(store),
+                work / "initrd.img": ref.initrd(store),
             }
             _install(ref, store, made, {"seconds": round(time.monotonic() - began, 1)})
         finally:
