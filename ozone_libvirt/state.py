@@ -15,7 +15,7 @@ import json
 import os
 import secrets
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -55,14 +55,40 @@ def private_dir(path: Path, *, mode: int = 0o700) -> Path:
 
 
 @contextlib.contextmanager
-def host_lock(name: str) -> Iterator[None]:
+def host_lock(name: str, *, report: Callable[[str], None] | None = None) -> Iterator[None]:
     """An exclusive lock shared by every ozone process of this user on this host (e.g.
-    around choosing a QMP port and defining the domain that takes it)."""
+    around choosing a QMP port and defining the domain that takes it). ``report`` hears
+    when another process holds it and this one waits."""
     folder = private_dir(state_dir() / "locks")
     fd = os.open(folder / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if report is not None:
+                report("waiting for another ozone")
+            fcntl.flock(fd, fcntl.LOCK_EX)  # that one ends, or dies and drops the lock
         yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def host_lock_if_free(name: str) -> Iterator[bool]:
+    """:func:`host_lock` without waiting: True (held for the block) when no process holds
+    it, also when it was never made (nothing of that name ever ran); False when one does."""
+    try:
+        fd = os.open(state_dir() / "locks" / f"{name}.lock", os.O_RDWR | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        yield True
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+        else:
+            yield True
     finally:
         os.close(fd)
 
