@@ -211,20 +211,16 @@ def _devices(
     devices: etree._Element = E.devices()
     targets, cdrom_target = _disk_targets(config)
     for disk, target in zip(config.disks, targets, strict=True):
-        if disk.readonly:  # e.g. a cloud-init seed: shared, never written, owner kept
-            element = E.disk(
-                E.driver(name="qemu", type=disk.format),
-                E.source(*_kept_owner(keep_owners), file=str(disk.path)),
-                type="file",
-                device="disk",
-            )
-        else:
-            element = E.disk(
-                E.driver(name="qemu", type=disk.format, discard="unmap"),
-                E.source(file=str(disk.path)),
-                type="file",
-                device="disk",
-            )
+        # a read-only disk (a cloud-init seed) is shared and never written: owner kept
+        driver = E.driver(name="qemu", type=disk.format)
+        if not disk.readonly:
+            driver.set("discard", "unmap")
+        element = E.disk(
+            driver,
+            E.source(*_kept_owner(keep_owners and disk.readonly), file=str(disk.path)),
+            type="file",
+            device="disk",
+        )
         backing_format = backing_formats.get(disk.backing) if disk.backing else None
         if backing_format:
             # the rest of the chain, if any, libvirt finds itself (and keeps its owners too)

@@ -93,6 +93,7 @@ def activity(text: str, *, enabled: bool = True) -> Iterator[tuple[Report, Advan
         yield (lambda _text: None), (lambda _done, _total: None)
         return
     from rich.console import Console
+    from rich.markup import escape
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -104,8 +105,6 @@ def activity(text: str, *, enabled: bool = True) -> Iterator[tuple[Report, Advan
     )
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
-    from rich.markup import escape
-
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task(escape(text), total=None)
         state: dict[str, Any] = {}
