@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
@@ -118,14 +117,15 @@ def create_overlay(
     call(pool.createXML, etree.tostring(xml, encoding="unicode"), 0)
 
 
-def check_overlay(config: VMConfig, overlay: Disk) -> None:
+def check_overlay(config: VMConfig, overlay: Disk) -> int | None:
     """An existing boot disk of a VM being defined again must be an overlay over the image
     the config names (its data would be garbage over another one), and no bigger than the
-    config's ``size`` (disks do not shrink). Checked before any image is built or pulled."""
+    config's ``size`` (disks do not shrink). Checked before any image is built or pulled.
+    Returns the disk's size when the config gives one (for :func:`grow_overlay`)."""
     from .storage import backing_file_of, image_info
 
     if not overlay.path.exists():
-        return
+        return None
     file = str(config.source) if config.source else None
     current = backing_file_of(overlay.path)
     if current != overlay.backing:
@@ -138,8 +138,8 @@ def check_overlay(config: VMConfig, overlay: Disk) -> None:
             f"(its disk's data goes) and define it again{f' from {file}' if file else ''}",
         )
     if overlay.size is None:
-        return
-    virtual = int(image_info(overlay.path).get("virtual-size", 0))  # type: ignore[call-overload]
+        return None
+    virtual: int = int(image_info(overlay.path).get("virtual-size", 0))  # type: ignore[call-overload]
     if overlay.size < virtual:
         raise ConfigError(
             f"the boot disk is {virtual >> 20} MiB and disks do not shrink",
@@ -147,19 +147,21 @@ def check_overlay(config: VMConfig, overlay: Disk) -> None:
             field="image.size",
             hint=f"give at least {virtual >> 30} GiB",
         )
+    return virtual
 
 
 def grow_overlay(
-    conn: libvirt.virConnect, config: VMConfig, overlay: Disk, *, running: bool
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    overlay: Disk,
+    virtual: int | None,
+    *,
+    running: bool,
 ) -> str | None:
-    """Grow an existing boot disk to the config's bigger ``size`` while the VM is off.
+    """Grow an existing boot disk of ``virtual`` bytes (as :func:`check_overlay` found it;
+    None: no disk yet, or no size asked) to the config's bigger ``size`` while the VM is off.
     Returns a note for the user, or None."""
-    from .storage import image_info
-
-    if overlay.size is None or not overlay.path.exists():
-        return None
-    virtual = int(image_info(overlay.path).get("virtual-size", 0))  # type: ignore[call-overload]
-    if overlay.size == virtual:
+    if overlay.size is None or virtual is None or overlay.size == virtual:
         return None
     if running:
         size = overlay.size >> 20
@@ -179,26 +181,24 @@ def grow_overlay(
 # --- making images -------------------------------------------------------------------------
 
 
+def _lock_name(store: Path, image_id: str) -> str:
+    """The host lock (in ozone's state folder: the store holds only images) that one build
+    or pull of an image at a time holds."""
+    return f"image-{hashlib.sha256(str(store).encode()).hexdigest()[:8]}-{image_id}"
+
+
 @contextlib.contextmanager
 def _image_lock(store: Path, image_id: str, report: Report = lambda _t: None) -> Iterator[None]:
-    """One build or pull of an image at a time (the lock lives with ozone's state, so the
-    store holds only images); ``report`` hears when another command holds it."""
-    from .state import private_dir
+    """One build or pull of an image at a time; ``report`` hears when another command
+    holds it."""
+    from .state import host_lock
 
     store.mkdir(parents=True, exist_ok=True, mode=0o755)
-    private_dir(state_dir() / "locks")
-    fd = os.open(
-        _lock_path(store, image_id), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            report(f"waiting for another ozone making {image_id}")
-            fcntl.flock(fd, fcntl.LOCK_EX)  # that one ends, or dies and drops the lock
+    with host_lock(
+        _lock_name(store, image_id),
+        report=lambda _t: report(f"waiting for another ozone making {image_id}"),
+    ):
         yield
-    finally:
-        os.close(fd)
 
 
 def present(ref: ImageRef, store: Path) -> bool:
@@ -582,13 +582,14 @@ def _read_meta(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) and isinstance(data.get("spec"), dict) else None
 
 
-def stored(store: Path) -> list[ImageRef]:
-    refs = []
+def stored(store: Path) -> list[tuple[ImageRef, dict[str, Any]]]:
+    """The store's images, each with what its JSON says."""
+    found = []
     for meta_path in sorted(store.glob("*.json")):
         meta = _read_meta(meta_path)
         if meta and meta.get("id") == meta_path.stem:
-            refs.append(ImageRef(meta_path.stem, meta["spec"]))
-    return refs
+            found.append((ImageRef(meta_path.stem, meta["spec"]), meta))
+    return found
 
 
 def list_images(conn: libvirt.virConnect, store: Path | None = None) -> list[ImageInfo]:
@@ -597,8 +598,7 @@ def list_images(conn: libvirt.virConnect, store: Path | None = None) -> list[Ima
     store = store or store_dir()
     around = neighbours(conn, local=is_local(conn))
     infos = []
-    for ref in stored(store):
-        meta = _read_meta(ref.meta(store)) or {}
+    for ref, meta in stored(store):
         size = 0
         for path in ref.files(store):
             with contextlib.suppress(OSError):
@@ -623,7 +623,7 @@ def _number(value: object) -> float:
 
 def find_image(name: str, store: Path) -> ImageRef:
     """An image by its id, a unique prefix of it, or its catalogue name."""
-    refs = stored(store)
+    refs = [ref for ref, _meta in stored(store)]
     exact = [r for r in refs if r.id == name or r.spec.get("name") == name]
     # a prefix names an image only when it is a real part of the id (not "", not "d")
     found = exact or [r for r in refs if len(name) >= 4 and r.id.startswith(name)]
@@ -767,30 +767,6 @@ def _obtain_timed(
 SEED_GRACE = 600  # seconds: a seed this young may belong to a define still under way
 
 
-def _lock_path(store: Path, image_id: str) -> Path:
-    name = hashlib.sha256(str(store).encode()).hexdigest()[:8]
-    return state_dir() / "locks" / f"image-{name}-{image_id}.lock"
-
-
-@contextlib.contextmanager
-def _lock_if_free(store: Path, image_id: str) -> Iterator[bool]:
-    """The image's lock, if no build or pull holds it (True), held for the block."""
-    try:
-        fd = os.open(_lock_path(store, image_id), os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        yield True  # nothing has ever made this image here: nothing runs
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-        else:
-            yield True
-    finally:
-        os.close(fd)
-
-
 def _age(path: Path, now: float) -> float:
     try:
         return now - path.lstat().st_mtime
@@ -803,7 +779,7 @@ def store_debris(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str
     unfinished for a day, and cloud-init seeds that no VM and no boot cache entry uses
     (seeds are made again when needed; one used in the last 10 minutes stays)."""
     from .cache import list_cache
-    from .state import host_lock
+    from .state import host_lock, host_lock_if_free
     from .vm import neighbours
 
     store = store_dir()
@@ -813,7 +789,7 @@ def store_debris(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str
     work = [*store.glob(".build-*-*"), *store.glob(".pull-*-*")]
     ids = {left.name.split("-", 1)[1].rsplit("-", 1)[0] for left in work}
     for image_id in sorted(ids):
-        with _lock_if_free(store, image_id) as free:
+        with host_lock_if_free(_lock_name(store, image_id)) as free:
             left = _leftovers(store, image_id)
             if free and left:
                 removed += [str(p) for p in left]
@@ -821,7 +797,7 @@ def store_debris(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str
                     _sweep(store, image_id)
     now = time.time()
     for partial in sorted((state_dir() / "downloads").glob("*.part")):
-        with _lock_if_free(store, partial.stem) as free:
+        with host_lock_if_free(_lock_name(store, partial.stem)) as free:
             if free and _age(partial, now) > 86400:
                 removed.append(str(partial))
                 if not dry_run:

@@ -351,9 +351,13 @@ def define(
         )
         overlay = config.disks[0] if resolved.ref is not None else None
         if overlay is not None:
-            imagestore.check_overlay(config, overlay)  # again: another define may have run
+            virtual = imagestore.check_overlay(config, overlay)  # again: a define may have run
             note = imagestore.grow_overlay(
-                conn, config, overlay, running=existing is not None and is_active(existing)
+                conn,
+                config,
+                overlay,
+                virtual,
+                running=existing is not None and is_active(existing),
             )
             if note:
                 notes.append(note)
