@@ -369,12 +369,53 @@ def status(name: NameArg, as_json: JsonOpt = False) -> None:
     warnings = data.pop("warnings")
     data["memory"] = _memory(data["memory"])
     data["disks"] = ", ".join(data["disks"]) or None
+    data["ports"] = ", ".join(data["ports"]) or None
+    data["shares"] = (
+        ", ".join(
+            f"{s['host']} -> {s['guest'] or '?'} ({'ro' if s['readonly'] else 'rw'})"
+            for s in data["shares"]
+        )
+        or None
+    )
     width = max(len(k) for k in data)
     output.emit(
         "\n".join(f"{k + ':':<{width + 1}} {'-' if v is None else v}" for k, v in data.items())
     )
     for warning in warnings:
         output.info(f"warning: {warning}")
+
+
+@app.command()
+@handles_errors
+def ssh(
+    name: NameArg,
+    command: CommandArg = None,
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--login",
+            "-l",
+            help="Log in as this user (default: the config's first cloud-init user, else root).",
+        ),
+    ] = None,
+) -> None:
+    """Log in to a running VM with the system's ssh, or run a command there.
+
+    `ozone ssh NAME [-- COMMAND...]`: ssh's exit status is ozone's (255: ssh could not
+    connect, and ozone says why when it can tell).
+    """
+    from . import ssh as ssh_
+
+    with connection() as conn:
+        target = ssh_.target(
+            conn, name, command or [], user=ssh_.check_user(user) if user else None
+        )
+    code = ssh_.run(target)
+    if code == 255:
+        problem = ssh_.diagnose(target)
+        if problem is not None:
+            output.error(problem, as_json=False)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -414,11 +455,14 @@ def xml(
         from . import domain_xml as dx
         from .connection import local_host_facts
         from .images import resolve
+        from .ssh import vm_public_key
 
-        cfg = resolve(load(config)).config
+        loaded = load(config)
+        cfg = resolve(loaded, vm_key=vm_public_key(loaded.name, create=False)).config
         facts = local_host_facts()
         qmp = dx.planned_qmp(cfg, facts)
-        text = dx.to_string(dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp))
+        forwards = dx.planned_forwards(cfg)
+        text = dx.to_string(dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp, forwards=forwards))
     if as_json:
         output.emit_json({"xml": text})
     else:

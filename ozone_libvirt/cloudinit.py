@@ -17,7 +17,8 @@ from email.mime.text import MIMEText
 from pathlib import Path
 from typing import Any
 
-from .config import SSH_KEY_RE, CloudInit, VMConfig
+from .config import SSH_KEY_RE, CloudInit, Share, VMConfig
+from .domain_xml import share_tag
 from .errors import ConfigError
 
 # what cloud-init does on images that lack the guest agent (Debian's and Ubuntu's cloud
@@ -69,10 +70,49 @@ def instance_id(config: VMConfig, files: dict[str, bytes]) -> str:
     return "ozone-" + files_digest(files, prefix=config.name.encode())[:16]
 
 
+def mount_unit_name(folder: str) -> str:
+    """systemd's name for the mount unit of ``folder`` (``systemd-escape --path --suffix
+    mount``), for folders as the config allows them (letters, digits, ``_.@+-``)."""
+    trimmed = folder.strip("/")
+    out = []
+    for i, ch in enumerate(trimmed):
+        if ch == "/":
+            out.append("-")
+        elif (ch.isascii() and (ch.isalnum() or ch in ":_")) or (ch == "." and i > 0):
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}")
+    return "".join(out) + ".mount"
+
+
+def mount_unit(share: Share, tag: str) -> str:
+    """A systemd mount unit that mounts ``share`` at boot (a failure fails no boot: nofail)."""
+    options = "ro" if share.readonly else "rw"
+    return (
+        "# ozone: a host folder shared through virtio-fs\n"
+        f"[Unit]\nDescription=ozone share {tag} ({share.host})\n\n"
+        f"[Mount]\nWhat={tag}\nWhere={share.guest}\nType=virtiofs\nOptions={options}\n\n"
+        "[Install]\nWantedBy=local-fs.target\n"
+    )
+
+
+def fstab_line(share: Share, tag: str) -> str:
+    """The same as an /etc/fstab line, for guests without cloud-init."""
+    return f"{tag} {share.guest} virtiofs {'ro' if share.readonly else 'rw'},nofail 0 0"
+
+
 def cloud_config(
-    ci: CloudInit, *, hostname: str, default_keys: tuple[str, ...], install_agent: bool
+    ci: CloudInit,
+    *,
+    hostname: str,
+    default_keys: tuple[str, ...],
+    install_agent: bool,
+    vm_key: str | None = None,
+    shares: tuple[Share, ...] = (),
 ) -> dict[str, Any]:
-    """The ``#cloud-config`` document for ``ci``."""
+    """The ``#cloud-config`` document for ``ci``. ``vm_key``: the public half of the VM's
+    own ssh key (`ozone ssh`), authorised for the first user, else for root. ``shares``: the
+    host folders the guest mounts at boot (systemd mount units)."""
     doc: dict[str, Any] = {"hostname": hostname, "preserve_hostname": False}
     if ci.users:
         doc["users"] = [
@@ -90,8 +130,13 @@ def cloud_config(
             }
             for u in ci.users
         ]
+        if vm_key:
+            doc["users"][0].setdefault("ssh_authorized_keys", []).append(vm_key)
     keys = ci.ssh_authorized_keys or (() if ci.users else default_keys)
-    if keys:  # for the image's default user (debian, ubuntu)
+    if vm_key and not ci.users:  # `ozone ssh` logs in as root
+        keys += (vm_key,)
+        doc["disable_root"] = False
+    if keys:  # for the image's default user (debian, ubuntu), and root with vm_key
         doc["ssh_authorized_keys"] = list(keys)
     packages = list(ci.packages)
     runcmd: list[Any] = []
@@ -101,17 +146,31 @@ def cloud_config(
         runcmd.append(list(AGENT_START))
     if packages:
         doc["packages"] = packages
-    if ci.write_files:
-        doc["write_files"] = [
+    write_files = [
+        {
+            "path": f.path,
+            "content": f.content,
+            **({"permissions": f.permissions} if f.permissions else {}),
+            **({"owner": f.owner} if f.owner else {}),
+            **({"append": True} if f.append else {}),
+        }
+        for f in ci.write_files
+    ]
+    units = []
+    for i, share in enumerate(shares):
+        unit = mount_unit_name(share.guest)
+        units.append(unit)
+        write_files.append(
             {
-                "path": f.path,
-                "content": f.content,
-                **({"permissions": f.permissions} if f.permissions else {}),
-                **({"owner": f.owner} if f.owner else {}),
-                **({"append": True} if f.append else {}),
+                "path": f"/etc/systemd/system/{unit}",
+                "content": mount_unit(share, share_tag(i)),
+                "permissions": "0644",
             }
-            for f in ci.write_files
-        ]
+        )
+    if units:  # mounted before the config's own commands run
+        runcmd += [["systemctl", "daemon-reload"], ["systemctl", "enable", "--now", *units]]
+    if write_files:
+        doc["write_files"] = write_files
     runcmd += [list(c) if isinstance(c, tuple) else c for c in ci.runcmd]
     if runcmd:
         doc["runcmd"] = runcmd
@@ -124,6 +183,7 @@ def seed_files(
     default_keys: tuple[str, ...] = (),
     install_agent: bool = False,
     user_data: bytes | None = None,
+    vm_key: str | None = None,
 ) -> dict[str, bytes]:
     """meta-data and user-data for ``config`` (which has a ``cloud_init`` section, or is a
     pulled image that needs the agent installed). ``user_data``: the content of the config's
@@ -131,7 +191,12 @@ def seed_files(
     ci = config.cloud_init or CloudInit()
     hostname = ci.hostname or config.name.replace("_", "-").replace(".", "-")[:63].strip("-")
     doc = cloud_config(
-        ci, hostname=hostname, default_keys=default_keys, install_agent=install_agent
+        ci,
+        hostname=hostname,
+        default_keys=default_keys,
+        install_agent=install_agent,
+        vm_key=vm_key,
+        shares=config.shares,
     )
     # JSON is YAML: cloud-init reads it, and its quoting is exact for any string
     ours = "#cloud-config\n" + json.dumps(doc, indent=1, ensure_ascii=False) + "\n"

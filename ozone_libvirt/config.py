@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import ConfigError
+from .metadata import Forward
 from .units import format_size
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ _FORBIDDEN_IN_LINE = re.compile(f"[\t\n\r{_CONTROLS}]")
 TOP_KEYS = (
     "name", "description", "memory", "vcpus", "machine", "accel", "disks", "cdrom", "boot",
     "kernel", "initrd", "cmdline", "serial_log", "agent", "network", "qmp", "graphics",
-    "stage_dir", "image", "cloud_init",
+    "stage_dir", "image", "cloud_init", "ports", "shares",
 )  # fmt: skip
 DISK_KEYS = ("path", "size", "backing", "format", "bus", "readonly")
 IMAGE_KEYS = (
@@ -121,6 +122,16 @@ URL_RE = re.compile(r"\A(?:https?|file)://[!-~]+\Z")
 MAX_LIST = 256  # packages, users, files, commands
 NETWORK_KEYS = ("type", "source", "model", "mac")
 QMP_KEYS = ("endpoint", "allow_remote")
+PORT_KEYS = ("forward", "allow_remote")
+SHARE_KEYS = ("host", "guest", "readonly")
+MAX_PORTS = 64
+MAX_SHARES = 16
+# QEMU runs as an unprivileged user: it cannot listen below Linux's default
+# net.ipv4.ip_unprivileged_port_start
+LOWEST_HOST_PORT = 1024
+# a guest folder a share is mounted on: it becomes a systemd mount unit's Where= and an fstab
+# field, where spaces, commas and backslashes would need escaping
+_GUEST_MOUNT_RE = re.compile(r"\A(?:/[A-Za-z0-9_.@+-]+)+\Z")
 
 
 @dataclass(frozen=True)
@@ -191,6 +202,30 @@ class Network:
 
 
 @dataclass(frozen=True)
+class PortForward:
+    """A host port QEMU's user networking forwards to a guest port."""
+
+    protocol: Literal["tcp", "udp"]
+    host: str  # the host address QEMU listens on (127.0.0.1 unless allow_remote)
+    port: int  # on the host
+    guest: int  # in the guest
+    allow_remote: bool = False
+
+    @property
+    def forward(self) -> Forward:
+        return Forward(self.protocol, self.host, self.port, self.guest)
+
+
+@dataclass(frozen=True)
+class Share:
+    """A host folder the guest mounts through virtio-fs."""
+
+    host: Path
+    guest: str  # the guest folder it is mounted on
+    readonly: bool = False
+
+
+@dataclass(frozen=True)
 class Qmp:
     """Where the config asks QEMU to serve QMP: ``auto`` (a private unix socket of ozone's),
     ``off``, ``unix`` (its path), ``tcp`` (its host and port; port None: ozone picks a free
@@ -237,6 +272,8 @@ class VMConfig:
     stage_dir: str | None = None  # guest folder for `ozone exec` output (None: ozone's default)
     image: Image | None = None
     cloud_init: CloudInit | None = None
+    ports: tuple[PortForward, ...] = ()
+    shares: tuple[Share, ...] = ()
     source: Path | None = None  # the file this config came from
 
     @property
@@ -889,6 +926,119 @@ class _Checker:
             )
         return Qmp(kind="tcp", host=host, port=port, allow_remote=allow_remote)
 
+    def port(self, value: object, where: str) -> PortForward:
+        """``[tcp:|udp:][ADDRESS:]HOSTPORT:GUESTPORT``, or ``{"forward": that,
+        "allow_remote": true}`` for an address beyond loopback."""
+        allow_remote = False
+        if isinstance(value, dict):
+            data = self.mapping(value, where)
+            self.keys(data, PORT_KEYS, where)
+            if "forward" not in data:
+                raise self.fail(
+                    f"{where}.forward", 'missing; e.g. {"forward": "0.0.0.0:8080:80", ...}'
+                )
+            allow_remote = self.boolean(data.get("allow_remote", False), f"{where}.allow_remote")
+            where, value = f"{where}.forward", data["forward"]
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value}:{value}"
+        expected = '"HOSTPORT:GUESTPORT", "127.0.0.1:8080:80" or "udp:5353:53"'
+        text = self.string(value, where, expected=expected)
+        parts = text.split(":")
+        protocol = "tcp"
+        if parts[0] in ("tcp", "udp"):
+            protocol = parts.pop(0)
+        host = parts.pop(0) if len(parts) == 3 else "127.0.0.1"
+        if len(parts) != 2 or not all(_PORT_RE.fullmatch(p) for p in parts):
+            raise self.fail(where, f"{_show(text)} is not a port forward; expected {expected}")
+        try:
+            address = ipaddress.IPv4Address(host)
+        except ValueError:
+            raise self.fail(
+                where,
+                f"{_show(host)} is not an IPv4 address (QEMU's user networking forwards "
+                "from IPv4 addresses)",
+                hint='e.g. "127.0.0.1:8080:80"',
+            ) from None
+        port, guest = (int(p) for p in parts)
+        if not LOWEST_HOST_PORT <= port <= 65535:
+            raise self.fail(
+                where,
+                f"host port {port} is out of range {LOWEST_HOST_PORT}-65535 (QEMU runs as an "
+                "unprivileged user and cannot listen below 1024)",
+                hint=f'forward a high port instead, e.g. "{8000 + guest % 1000}:{guest}"',
+            )
+        if not 1 <= guest <= 65535:
+            raise self.fail(where, f"guest port {guest} is out of range 1-65535")
+        if not allow_remote and not address.is_loopback:
+            raise self.fail(
+                where,
+                f"a forward from {host} is reachable from other machines",
+                hint=f'use 127.0.0.1, or {{"forward": "{text}", "allow_remote": true}} if you '
+                "really mean it",
+            )
+        return PortForward(protocol, str(address), port, guest, allow_remote)  # type: ignore[arg-type]
+
+    def ports(self, value: object, network: Network) -> tuple[PortForward, ...]:
+        items = self.items(value, "ports", "port forwards")
+        if len(items) > MAX_PORTS:
+            raise self.fail("ports", f"at most {MAX_PORTS} port forwards")
+        if items and network.type != "user":
+            raise self.fail(
+                "ports",
+                f"ports are forwarded by QEMU's user networking; this VM's network is "
+                f"{network.type!r}",
+                hint="on a libvirt network or bridge the guest has its own address "
+                "(`ozone ip NAME`): reach its ports there, or remove ports",
+            )
+        forwards = tuple(self.port(v, f"ports[{i}]") for i, v in enumerate(items))
+        for i, fwd in enumerate(forwards):
+            for j, earlier in enumerate(forwards[:i]):
+                if fwd.forward.overlaps(earlier.forward):
+                    raise self.fail(
+                        f"ports[{i}]",
+                        f"host port {fwd.port}/{fwd.protocol} is already forwarded by ports[{j}]",
+                        hint="each host port forwards to one guest port",
+                    )
+        return forwards
+
+    def share(self, value: object, where: str) -> Share:
+        data = self.mapping(value, where)
+        self.keys(data, SHARE_KEYS, where)
+        for key in ("host", "guest"):
+            if key not in data:
+                raise self.fail(
+                    f"{where}.{key}",
+                    "missing; e.g. {host: ./src, guest: /srv/src, readonly: true}",
+                )
+        guest = self.guest_dir(data["guest"], f"{where}.guest")
+        if not _GUEST_MOUNT_RE.fullmatch(guest) or len(guest) > 255:
+            raise self.fail(
+                f"{where}.guest",
+                f"{_show(guest)}: a share's guest folder may hold letters, digits and "
+                "'_.@+-' in each part",
+                hint="e.g. /srv/site",
+            )
+        if any(part in (".", "..") for part in guest.split("/")):
+            raise self.fail(f"{where}.guest", f"{_show(guest)} is not a normalised folder")
+        return Share(
+            host=self.path(data["host"], f"{where}.host"),
+            guest=guest,
+            readonly=self.boolean(data.get("readonly", False), f"{where}.readonly"),
+        )
+
+    def shares(self, value: object) -> tuple[Share, ...]:
+        items = self.items(value, "shares", "shares")
+        if len(items) > MAX_SHARES:
+            raise self.fail("shares", f"at most {MAX_SHARES} shares")
+        shares = tuple(self.share(v, f"shares[{i}]") for i, v in enumerate(items))
+        for i, share in enumerate(shares):
+            for j, earlier in enumerate(shares[:i]):
+                if share.guest == earlier.guest:
+                    raise self.fail(
+                        f"shares[{i}].guest", f"{share.guest} is already shares[{j}]'s folder"
+                    )
+        return shares
+
     def items(self, value: object, where: str, what: str) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(where, f"expected a list of {what}, got {_describe(value)}")
@@ -1187,6 +1337,10 @@ class _Checker:
             opt["graphics"] = self.choice(data["graphics"], "graphics", GRAPHICS)
         if "stage_dir" in data:
             opt["stage_dir"] = self.guest_dir(data["stage_dir"], "stage_dir")
+        if "ports" in data:
+            opt["ports"] = self.ports(data["ports"], opt.get("network", Network()))
+        if "shares" in data:
+            opt["shares"] = self.shares(data["shares"])
         return VMConfig(
             name=name, memory=memory, disks=disks, cdrom=cdrom, boot=boot, source=self.source, **opt
         )
@@ -1305,6 +1459,18 @@ def check_host_paths(config: VMConfig) -> None:
         problem = _not_a_file(config.serial_log)
         if problem not in (None, _MISSING):
             raise refuse("serial_log", f"serial log {config.serial_log} {problem}")
+    for i, share in enumerate(config.shares):
+        try:
+            is_dir = stat.S_ISDIR(os.stat(share.host).st_mode)
+        except OSError as err:
+            raise refuse(
+                f"shares[{i}].host",
+                f"host folder {share.host} "
+                + (_MISSING if isinstance(err, FileNotFoundError) else f"({err.strerror})"),
+                hint=f"create it (mkdir -p {share.host}) or fix the path",
+            ) from None
+        if not is_dir:
+            raise refuse(f"shares[{i}].host", f"{share.host} is not a folder")
 
 
 # --- lookup by name ------------------------------------------------------------------------

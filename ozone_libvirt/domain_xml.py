@@ -11,7 +11,7 @@ import difflib
 import hashlib
 import itertools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +20,7 @@ from lxml import etree
 from lxml.builder import ElementMaker
 
 from .errors import ConfigError
-from .metadata import OZONE_NS, OZONE_PREFIX, OzoneMetadata, QmpEndpoint, parse_metadata
+from .metadata import OZONE_NS, OZONE_PREFIX, Forward, OzoneMetadata, QmpEndpoint, parse_metadata
 
 if TYPE_CHECKING:
     from .config import VMConfig
@@ -35,6 +35,13 @@ AGENT_CHANNEL = "org.qemu.guest_agent.0"
 # `ozone xml` is deterministic; `define` moves on to the next free one on a clash.
 QMP_PORT_BASE = 24000
 QMP_PORT_COUNT = 6000
+# the same for the loopback port forwarded to a guest's ssh port (22)
+SSH_PORT_BASE = 21000
+SSH_PORT_COUNT = 3000
+# QEMU ids of the user-mode NIC ozone adds when it forwards ports (libvirt's are netN)
+NETDEV_ID = "ozone-net0"
+QEMU_NIC_MODELS = {"virtio": "virtio-net-pci", "e1000": "e1000", "e1000e": "e1000e",
+                   "rtl8139": "rtl8139"}  # fmt: skip
 
 E = ElementMaker()
 Q = ElementMaker(namespace=QEMU_NS, nsmap={"qemu": QEMU_NS})
@@ -59,6 +66,35 @@ class HostFacts:
 def preferred_qmp_port(name: str, attempt: int = 0) -> int:
     digest = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "big")
     return QMP_PORT_BASE + (digest + attempt) % QMP_PORT_COUNT
+
+
+def preferred_ssh_port(name: str, attempt: int = 0) -> int:
+    digest = int.from_bytes(hashlib.sha256(b"ssh:" + name.encode()).digest()[:4], "big")
+    return SSH_PORT_BASE + (digest + attempt) % SSH_PORT_COUNT
+
+
+def planned_forwards(config: VMConfig) -> tuple[Forward, ...]:
+    """The host ports QEMU forwards to the guest before any clash with other VMs is looked
+    at: the config's ``ports`` and, unless one of them already reaches the guest's port 22
+    on loopback, a loopback port of ozone's choosing for ssh. Only on user networking."""
+    if config.network.type != "user":
+        return ()
+    forwards = [p.forward for p in config.ports]
+    if not any(f.is_ssh for f in forwards):
+        ssh = Forward("tcp", "127.0.0.1", preferred_ssh_port(config.name), 22, auto=True)
+        forwards.insert(0, ssh)
+    return tuple(forwards)
+
+
+def ssh_user(config: VMConfig) -> str | None:
+    """Who `ozone ssh` logs in as: the first user the config's cloud-init makes (None: root)."""
+    users = config.cloud_init.users if config.cloud_init else ()
+    return users[0].name if users else None
+
+
+def share_tag(index: int) -> str:
+    """The virtio-fs tag of ``shares[index]``: what the guest mounts."""
+    return f"share{index}"
 
 
 def check_machine(config: VMConfig, facts: HostFacts) -> None:
@@ -132,6 +168,7 @@ def build_domain(
     uuid: str | None = None,
     backing_formats: Mapping[Path, str] | None = None,
     run_as: str | None = None,
+    forwards: Sequence[Forward] = (),
 ) -> etree._Element:
     """The libvirt domain XML for ``config``.
 
@@ -141,9 +178,19 @@ def build_domain(
     libvirt never changes their owner: it chowns read-only images to QEMU's user when a VM
     starts and never gives them back. With ``run_as`` ("+UID:+GID") QEMU runs as that user
     and libvirt relabels no file at all (throwaway VMs, whose own files ozone chowns).
+    ``forwards``: the host ports QEMU's user networking forwards to the guest (the NIC is
+    then QEMU's own, given on its command line: libvirt 9.0 has no port forwards on a
+    user-mode interface); none: libvirt's user-mode interface.
     """
     dtype = domain_type(config, facts)
-    nsmap = {"qemu": QEMU_NS} if qmp_endpoint else None
+    qemu_args: list[str] = []
+    if qmp_endpoint:
+        qemu_args += ["-qmp", qmp_endpoint.qemu_arg()]
+    if forwards and config.network.type == "user":
+        qemu_args += _user_nic_args(config, forwards)
+    else:
+        forwards = ()
+    nsmap = {"qemu": QEMU_NS} if qemu_args else None
     root = etree.Element("domain", nsmap=nsmap, type=dtype)
     root.append(E.name(config.name))
     if uuid:
@@ -163,11 +210,23 @@ def build_domain(
         meta.append(O("stage-dir", config.stage_dir))
     if config.uses_cloud_init:
         meta.append(O("cloud-init", "nocloud"))
+    for forward in forwards:
+        element = O.forward(str(forward))
+        if forward.auto:
+            element.set("port", "auto")
+        meta.append(element)
+    user = ssh_user(config)
+    if user:
+        meta.append(O("ssh-user", user))
+    for i, share in enumerate(config.shares):  # how the guest mounts it: fstab's fields
+        meta.append(O.share(f"{share_tag(i)} {share.guest} {'ro' if share.readonly else 'rw'}"))
     root.append(E.metadata(meta))
 
     kib = str(config.memory // 1024)
     root.append(E.memory(kib, unit="KiB"))
     root.append(E.currentMemory(kib, unit="KiB"))
+    if config.shares:  # virtiofsd maps the guest's memory: it must be shared
+        root.append(E.memoryBacking(E.source(type="memfd"), E.access(mode="shared")))
     root.append(E.vcpu(str(config.vcpus), placement="static"))
 
     os_el = E.os(E.type("hvm", arch="x86_64", machine=config.machine))
@@ -190,14 +249,29 @@ def build_domain(
     root.append(E.on_crash("destroy"))
 
     # a domain-level label covers every file: libvirt refuses per-file ones beside it
-    root.append(_devices(config, facts, backing_formats or {}, keep_owners=run_as is None))
+    devices = _devices(config, facts, backing_formats or {}, keep_owners=run_as is None)
+    interface = devices.find("interface")
+    if forwards and interface is not None:
+        devices.remove(interface)
+    root.append(devices)
     if run_as:
         root.append(
             E.seclabel(E.label(run_as), type="static", model="dac", relabel="no"),
         )
-    if qmp_endpoint:
-        root.append(Q.commandline(Q.arg(value="-qmp"), Q.arg(value=qmp_endpoint.qemu_arg())))
+    if qemu_args:
+        root.append(Q.commandline(*(Q.arg(value=a) for a in qemu_args)))
     return root
+
+
+def _user_nic_args(config: VMConfig, forwards: Sequence[Forward]) -> list[str]:
+    """QEMU options for a user-mode NIC with host port forwards. Its MAC is the config's,
+    else one derived from the VM name (libvirt picks a random one for its own NICs)."""
+    mac = config.network.mac or "52:54:00:" + ":".join(
+        f"{b:02x}" for b in hashlib.sha256(b"mac:" + config.name.encode()).digest()[:3]
+    )
+    netdev = ",".join(["user", f"id={NETDEV_ID}", *(f"hostfwd={f.hostfwd()}" for f in forwards)])
+    model = QEMU_NIC_MODELS[config.network.model]
+    return ["-netdev", netdev, "-device", f"{model},netdev={NETDEV_ID},mac={mac}"]
 
 
 def _kept_owner(wanted: bool) -> list[etree._Element]:
@@ -261,6 +335,17 @@ def _devices(
         iface.append(E.model(type=net.model))
         devices.append(iface)
 
+    for i, share in enumerate(config.shares):
+        # libvirt 9.0 refuses <readonly/> on virtio-fs: read-only is the guest's mount option
+        devices.append(
+            E.filesystem(
+                E.driver(type="virtiofs", queue="1024"),
+                E.source(dir=str(share.host)),
+                E.target(dir=share_tag(i)),
+                type="mount",
+                accessmode="passthrough",
+            )
+        )
     devices.append(
         E.serial(
             E.log(file=str(serial_log_path(config, facts)), append="off"),
@@ -345,6 +430,65 @@ def with_qmp_endpoint(xml: str, endpoint: QmpEndpoint) -> str:
         if endpoint.auto:
             qmp.set("port", "auto")
     return etree.tostring(root, encoding="unicode")
+
+
+def with_forwards(xml: str, forwards: Sequence[Forward]) -> str:
+    """A domain XML of ozone's with its port forwards replaced by ``forwards`` (the same
+    forwards, one of them on another host port)."""
+    root = etree.fromstring(xml.encode())
+    args = root.findall(f"{{{QEMU_NS}}}commandline/{{{QEMU_NS}}}arg")
+    for flag, value in itertools.pairwise(args):
+        if flag.get("value") == "-netdev" and f"id={NETDEV_ID}" in (value.get("value") or ""):
+            options = [
+                o for o in (value.get("value") or "").split(",") if not o.startswith("hostfwd=")
+            ]
+            value.set("value", ",".join(options + [f"hostfwd={f.hostfwd()}" for f in forwards]))
+    vm = root.find(f"metadata/{{{OZONE_NS}}}vm")
+    if vm is not None:
+        old = vm.findall(f"{{{OZONE_NS}}}forward")
+        at = list(vm).index(old[0]) if old else len(vm)
+        for element in old:
+            vm.remove(element)
+        for i, forward in enumerate(forwards):
+            element = O.forward(str(forward))
+            if forward.auto:
+                element.set("port", "auto")
+            vm.insert(at + i, element)
+    return etree.tostring(root, encoding="unicode")
+
+
+@dataclass(frozen=True)
+class ShareInfo:
+    host: str
+    tag: str
+    guest: str | None  # where the guest mounts it (None: not a share of ozone's)
+    readonly: bool
+
+    @property
+    def fstab(self) -> str | None:
+        """The guest's /etc/fstab line for it (images without cloud-init)."""
+        if self.guest is None:
+            return None
+        return f"{self.tag} {self.guest} virtiofs {'ro' if self.readonly else 'rw'},nofail 0 0"
+
+
+def shares_of(xml: str) -> list[ShareInfo]:
+    """The virtio-fs folders a domain XML shares, with where ozone's guest mounts them."""
+    root = etree.fromstring(xml.encode())
+    mounts = {}
+    for element in root.iterfind(f"metadata/{{{OZONE_NS}}}vm/{{{OZONE_NS}}}share"):
+        fields = (element.text or "").split()
+        if len(fields) == 3:
+            mounts[fields[0]] = (fields[1], fields[2] == "ro")
+    found = []
+    for fs in root.iterfind("devices/filesystem"):
+        tag = fs.find("target")
+        source = fs.find("source")
+        if tag is None or source is None:
+            continue
+        guest, readonly = mounts.get(tag.get("dir", ""), (None, fs.find("readonly") is not None))
+        found.append(ShareInfo(source.get("dir", ""), tag.get("dir", ""), guest, readonly))
+    return found
 
 
 def has_agent_channel(xml: str) -> bool:

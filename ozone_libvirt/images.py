@@ -150,12 +150,19 @@ class Resolved:
     seed_files: dict[str, bytes] | None
 
 
-def resolve(config: VMConfig, *, store: Path | None = None, for_run: bool = False) -> Resolved:
+def resolve(
+    config: VMConfig,
+    *,
+    store: Path | None = None,
+    for_run: bool = False,
+    vm_key: str | None = None,
+) -> Resolved:
     """``config`` with its ``image`` and ``cloud_init`` turned into disks: the boot disk (an
     overlay ``NAME.root.qcow2`` in the store over the base image; for ``ozone run`` the base
     itself, which the run puts its own overlay over), the config's other disks, and the
-    cloud-init seed (read-only). A Debian build boots its own kernel unless the config names
-    one. A config without either comes back unchanged."""
+    cloud-init seed (read-only; ``vm_key``: the VM's own public ssh key, which it authorises).
+    A Debian build boots its own kernel unless the config names one. A config without either
+    comes back unchanged."""
     if config.image is None and config.cloud_init is None:
         return Resolved(config, None, None, None, None)
     store = store or store_dir()
@@ -187,6 +194,7 @@ def resolve(config: VMConfig, *, store: Path | None = None, for_run: bool = Fals
             default_keys=cloudinit.default_ssh_keys(),
             install_agent=install_agent,
             user_data=cloudinit.read_user_data(config),
+            vm_key=vm_key,
         )
         seed = seed_path(store, files)
         disks.append(Disk(path=seed, format="raw", readonly=True))

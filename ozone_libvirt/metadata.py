@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
 OZONE_PREFIX = "ozone"
-_FIELDS = ("source", "hash", "qmp", "stage-dir", "cloud-init")
+_FIELDS = ("source", "hash", "qmp", "stage-dir", "cloud-init", "ssh-user")
 
 
 class OzoneMetadata(NamedTuple):
@@ -19,10 +19,17 @@ class OzoneMetadata(NamedTuple):
     qmp_endpoint: QmpEndpoint | None  # the QMP passthrough endpoint given to QEMU
     stage_dir: str | None = None  # the guest folder `ozone exec` stages output in
     cloud_init: bool = False  # the VM has a cloud-init seed: ready is when cloud-init is done
+    forwards: tuple[Forward, ...] = ()  # host ports QEMU forwards to the guest
+    ssh_user: str | None = None  # who `ozone ssh` logs in as (None: root)
 
     @property
     def qmp(self) -> str | None:
         return str(self.qmp_endpoint) if self.qmp_endpoint else None
+
+    @property
+    def ssh_forward(self) -> Forward | None:
+        """The loopback forward to the guest's port 22, if the VM has one."""
+        return next((f for f in self.forwards if f.is_ssh), None)
 
 
 def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
@@ -38,6 +45,7 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
     vm_depth: int | None = None
     texts: dict[str, str] = {}
     port_auto = False
+    forwards: list[list[str]] = []  # [text, auto] of each <forward>
 
     def start(name: str, attrs: dict[str, str]) -> None:
         nonlocal vm_depth, port_auto
@@ -49,6 +57,8 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
         elif vm_depth is not None and len(path) == vm_depth + 1 and tag in _FIELDS:
             texts.setdefault(tag, "")
             port_auto = port_auto or (tag == "qmp" and attrs.get("port") == "auto")
+        elif vm_depth is not None and len(path) == vm_depth + 1 and tag == "forward":
+            forwards.append(["", attrs.get("port", "")])
 
     def end(_name: str) -> None:
         nonlocal vm_depth
@@ -59,7 +69,9 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
     def data(text: str) -> None:
         if vm_depth is not None and vm_depth > 0 and len(path) == vm_depth + 1:
             tag = path[-1]
-            if tag in texts:
+            if tag == "forward" and forwards:
+                forwards[-1][0] += text
+            elif tag in texts:
                 texts[tag] += text
 
     parser.StartElementHandler = start
@@ -75,7 +87,52 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
         qmp_endpoint=QmpEndpoint.parse(qmp, auto=port_auto) if qmp else None,
         stage_dir=texts.get("stage-dir") or None,
         cloud_init="cloud-init" in texts,
+        forwards=tuple(
+            f for text, auto in forwards if (f := Forward.parse(text, auto=auto == "auto"))
+        ),
+        ssh_user=texts.get("ssh-user") or None,
     )
+
+
+class Forward(NamedTuple):
+    """A host port QEMU's user networking forwards to a guest port, as given to QEMU.
+    ``auto``: ozone chose the host port (the ssh forward; it may move when another program
+    takes it); the metadata records this as ``port="auto"``."""
+
+    protocol: str  # "tcp" | "udp"
+    host: str  # IPv4 address
+    port: int
+    guest: int
+    auto: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.protocol}:{self.host}:{self.port}:{self.guest}"
+
+    @classmethod
+    def parse(cls, text: str, *, auto: bool = False) -> Forward | None:
+        """``PROTO:HOST:PORT:GUESTPORT`` as written in the metadata (None if not that)."""
+        parts = text.split(":")
+        if len(parts) != 4 or parts[0] not in ("tcp", "udp"):
+            return None
+        if not all(p.isascii() and p.isdigit() and len(p) <= 5 for p in parts[2:]):
+            return None
+        return cls(parts[0], parts[1], int(parts[2]), int(parts[3]), auto)
+
+    @property
+    def is_ssh(self) -> bool:
+        return self.protocol == "tcp" and self.guest == 22 and self.host.startswith("127.")
+
+    def overlaps(self, other: Forward) -> bool:
+        """Both would listen on one host socket (0.0.0.0 covers every address)."""
+        return (
+            self.protocol == other.protocol
+            and self.port == other.port
+            and (self.host == other.host or "0.0.0.0" in (self.host, other.host))
+        )
+
+    def hostfwd(self) -> str:
+        """The value of a ``hostfwd`` option of QEMU's ``-netdev user``."""
+        return f"{self.protocol}:{self.host}:{self.port}-:{self.guest}"
 
 
 class QmpEndpoint(NamedTuple):

@@ -14,10 +14,11 @@ from .connection import translate
 from .errors import QMPError, UsageError
 
 
-def tcp_port_free(host: str, port: int) -> bool:
-    """Can something listen on host:port right now?"""
+def tcp_port_free(host: str, port: int, *, protocol: str = "tcp") -> bool:
+    """Can something listen on host:port (``protocol`` tcp or udp) right now?"""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
+    kind = socket.SOCK_DGRAM if protocol == "udp" else socket.SOCK_STREAM
+    with socket.socket(family, kind) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))

@@ -33,7 +33,7 @@ from .inventory import info as info
 from .inventory import is_active as is_active
 from .inventory import list_vms as list_vms
 from .inventory import state_name as state_name
-from .metadata import QmpEndpoint
+from .metadata import Forward, QmpEndpoint
 from .qmp import tcp_port_free
 from .state import ensure_qmp_folder, host_lock
 from .storage import (
@@ -62,6 +62,7 @@ class DefineResult:
     images_made: list[str] = field(default_factory=list)  # base images and seeds, now
     restart_needed: bool = False  # the domain runs: changes apply at its next start
     notes: list[str] = field(default_factory=list)  # things the user should know
+    forwards: list[str] = field(default_factory=list)  # PROTO:HOST:PORT:GUESTPORT
 
 
 @dataclass
@@ -110,6 +111,11 @@ class Neighbours:
     # the same, by (device, inode) where the file is on this host: another path to a file
     # (a symlinked folder, a hard link) is the same file
     inodes: dict[tuple[int, int], list[str]] = field(default_factory=dict)
+    # the host ports other VMs hold (forwards and QMP TCP endpoints), with their VM's name
+    ports: list[tuple[Forward, str]] = field(default_factory=list)
+
+    def port_owner(self, forward: Forward) -> str | None:
+        return next((name for other, name in self.ports if forward.overlaps(other)), None)
 
     def uses(self, path: Path) -> list[str]:
         found = list(self.files.get(path, []))
@@ -137,6 +143,7 @@ def neighbours(
     qmp: dict[str, str] = {}
     files: dict[Path, list[str]] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
+    ports: list[tuple[Forward, str]] = []
     for dom in call(conn.listAllDomains, 0):
         name = dom.name()
         if name == except_name:
@@ -150,6 +157,11 @@ def neighbours(
         meta = dx.parse_metadata(xml)
         if meta and meta.qmp:
             qmp[meta.qmp] = name
+        if meta:
+            ports += [(f, name) for f in meta.forwards]
+            endpoint = meta.qmp_endpoint
+            if endpoint and endpoint.kind == "tcp" and endpoint.host and endpoint.port:
+                ports.append((Forward("tcp", endpoint.host, endpoint.port, 0), name))
         seen: set[Path] = set()
         for use in dx.files_of(xml):
             uses = [(use.role, use.path)]
@@ -163,7 +175,7 @@ def neighbours(
                 identity = _identity(path) if local else None
                 if identity:
                     inodes.setdefault(identity, []).append(f"{name} ({role})")
-    return Neighbours(qmp, files, inodes)
+    return Neighbours(qmp, files, inodes, ports)
 
 
 def _free_qmp_port(name: str, used: dict[str, str], *, local: bool, avoid: int = 0) -> QmpEndpoint:
@@ -206,6 +218,57 @@ def resolve_qmp(
     if previous and previous.auto and str(previous) not in used:
         return previous
     return _free_qmp_port(config.name, used, local=local)
+
+
+def resolve_forwards(
+    config: VMConfig, around: Neighbours, *, previous: tuple[Forward, ...], local: bool
+) -> tuple[Forward, ...]:
+    """The host ports the VM forwards: the config's (no other VM may hold one) and the ssh
+    forward, which keeps its previous port or takes a free loopback one. Runs under the
+    host's "define" lock, so two defines never pick one port."""
+    forwards = []
+    for forward in dx.planned_forwards(config):
+        if forward.auto:
+            forwards.append(forward)
+            continue
+        owner = around.port_owner(forward)
+        if owner:
+            index = [p.forward for p in config.ports].index(forward)
+            raise ConfigError(
+                f"host port {forward.host}:{forward.port}/{forward.protocol} is already "
+                f"forwarded to VM {owner!r}",
+                file=str(config.source) if config.source else None,
+                field=f"ports[{index}]",
+                hint="each host port reaches one VM: pick another one",
+            )
+        forwards.append(forward)
+    mine = [f for f in forwards if not f.auto]
+
+    def free(candidate: Forward) -> bool:
+        return not (
+            around.port_owner(candidate)
+            or any(candidate.overlaps(f) for f in mine)
+            or (local and not tcp_port_free(candidate.host, candidate.port))
+        )
+
+    for i, forward in enumerate(forwards):
+        if not forward.auto:
+            continue
+        kept = next((f for f in previous if f.auto and f.guest == forward.guest), None)
+        if kept is not None and not around.port_owner(kept):
+            forwards[i] = kept  # still ours, listening or not: the VM may be running
+            continue
+        forwards[i] = _free_ssh_forward(config.name, free)
+    return tuple(forwards)
+
+
+def _free_ssh_forward(name: str, free: Callable[[Forward], bool], *, avoid: int = 0) -> Forward:
+    for attempt in range(dx.SSH_PORT_COUNT):
+        port = dx.preferred_ssh_port(name, attempt)
+        candidate = Forward("tcp", "127.0.0.1", port, 22, auto=True)
+        if port != avoid and free(candidate):
+            return candidate
+    raise ConflictError("no free loopback port left for ssh")  # pragma: no cover
 
 
 def _qmp_folder_ready(facts: dx.HostFacts) -> bool:
@@ -305,10 +368,11 @@ def define(
     kept: the store's), then creates missing disk images and removes them again if libvirt
     refuses the domain, so a failed define leaves nothing of the VM's behind.
     """
-    from . import images, imagestore
+    from . import images, imagestore, ssh
     from .config import check_host_paths
 
-    resolved = images.resolve(config)
+    vm_key = ssh.vm_public_key(config.name, create=True) if config.uses_cloud_init else None
+    resolved = images.resolve(config, vm_key=vm_key)
     config = resolved.config
     facts = host_facts(conn)
     # what can be checked before an image is built or downloaded, is
@@ -333,6 +397,7 @@ def define(
     with host_lock("define"):
         existing = find(conn, config.name)
         previous_qmp = None
+        previous_forwards: tuple[Forward, ...] = ()
         uuid = None
         if existing is not None:
             meta = metadata(existing)
@@ -342,12 +407,19 @@ def define(
                     hint="pick another name, or `virsh undefine` that domain if it is unwanted",
                 )
             previous_qmp = meta.qmp_endpoint
+            previous_forwards = meta.forwards
             uuid = existing.UUIDString()
         around = neighbours(conn, except_name=config.name, local=local)
         _check_disks_unshared(config, around)
         qmp = resolve_qmp(config, facts, around.qmp, previous=previous_qmp, local=local)
+        forwards = resolve_forwards(config, around, previous=previous_forwards, local=local)
         root = dx.build_domain(
-            config, facts=facts, qmp_endpoint=qmp, uuid=uuid, backing_formats=formats
+            config,
+            facts=facts,
+            qmp_endpoint=qmp,
+            uuid=uuid,
+            backing_formats=formats,
+            forwards=forwards,
         )
         overlay = config.disks[0] if resolved.ref is not None else None
         if overlay is not None:
@@ -375,6 +447,7 @@ def define(
         images_made=[str(p) for p in made],
         restart_needed=existing is not None and is_active(existing),
         notes=notes,
+        forwards=[str(f) for f in forwards],
     )
 
 
@@ -463,6 +536,45 @@ def _move_qmp_port(conn: libvirt.virConnect, dom: libvirt.virDomain, old: QmpEnd
         call(conn.defineXML, xml, name=dom.name())
 
 
+def _prepare_forwards(conn: libvirt.virConnect, dom: libvirt.virDomain, *, restoring: bool) -> None:
+    """Before QEMU starts on this host: every host port it forwards must be free. The ssh
+    port ozone chose moves to a free one; a port the config names is a conflict."""
+    meta = metadata(dom)
+    for forward in meta.forwards if meta else ():
+        if tcp_port_free(forward.host, forward.port, protocol=forward.protocol):
+            continue
+        if forward.auto and not restoring:
+            _move_ssh_port(conn, dom, forward)
+            continue
+        raise ConflictError(
+            f"host port {forward.host}:{forward.port}/{forward.protocol}, which {dom.name()!r} "
+            f"forwards to its port {forward.guest}, is in use by another program",
+            hint="stop that program (`ss -ltnup` shows it), or change the VM's ports and "
+            "`ozone define` it again",
+        )
+
+
+def _move_ssh_port(conn: libvirt.virConnect, dom: libvirt.virDomain, old: Forward) -> None:
+    """Another program took the ssh port ozone chose: redefine the VM on a free one."""
+    with host_lock("define"):
+        around = neighbours(conn, except_name=dom.name(), local=True)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
+        xml = call(dom.XMLDesc, flags, name=dom.name())
+        meta = dx.parse_metadata(xml)
+        forwards = list(meta.forwards if meta else ())
+        mine = [f for f in forwards if f != old]
+
+        def free(candidate: Forward) -> bool:
+            return not (
+                around.port_owner(candidate)
+                or any(candidate.overlaps(f) for f in mine)
+                or not tcp_port_free(candidate.host, candidate.port)
+            )
+
+        forwards[forwards.index(old)] = _free_ssh_forward(dom.name(), free, avoid=old.port)
+        call(conn.defineXML, dx.with_forwards(xml, forwards), name=dom.name())
+
+
 def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
     """Start (or resume from saved state) a defined VM. Idempotent."""
     dom = lookup(conn, name)
@@ -477,23 +589,37 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
     for attempt in range(3):
         if local:
             _prepare_qmp(conn, dom, restoring=restored)
+            _prepare_forwards(conn, dom, restoring=restored)
         try:
             dom.create()
             break
         except libvirt.libvirtError as err:
             # the port was free a moment ago: another program took it in between
-            taken = "Address already in use" in (err.get_error_message() or "")
-            if not (taken and local and attempt < 2 and _qmp_port_is_auto(dom)):
-                raise translate(err, name=name) from None
+            message = err.get_error_message() or ""
+            taken = "Address already in use" in message or "host forwarding rule" in message
+            if taken and local and attempt < 2 and _ports_are_auto(dom):
+                continue
+            if "host forwarding rule" in message:
+                raise ConflictError(
+                    f"QEMU could not listen on a host port {name} forwards: "
+                    + message.rsplit(":", 1)[-1].strip()[:200],
+                    hint="another program took it: stop it (`ss -ltnup` shows it), or change "
+                    "the VM's ports and `ozone define` it again",
+                ) from None
+            raise translate(err, name=name) from None
     result = {"name": name, "state": state_name(dom), "action": "booted"}
     if restored:
         result.update(action="restored", **sync_clock(dom))
     return result
 
 
-def _qmp_port_is_auto(dom: libvirt.virDomain) -> bool:
+def _ports_are_auto(dom: libvirt.virDomain) -> bool:
+    """Every TCP port the VM listens on is one ozone chose (and may move)."""
     meta = metadata(dom)
-    return bool(meta and meta.qmp_endpoint and meta.qmp_endpoint.auto)
+    if meta is None:
+        return False
+    qmp = meta.qmp_endpoint
+    return (qmp is None or qmp.kind != "tcp" or qmp.auto) and all(f.auto for f in meta.forwards)
 
 
 def sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> dict[str, Any]:
@@ -689,6 +815,9 @@ def undefine(
         )
         call(dom.undefineFlags, flags, name=name)
         removed, failed = remove_files(images)
+    from .ssh import forget
+
+    forget(name)
     if failed:
         raise OzoneError(
             f"undefined {name}, but could not delete "
@@ -725,7 +854,27 @@ def status(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
     data["disks"] = dx.disk_images_of(xml)
     data["agent_channel"] = dx.has_agent_channel(xml)
     data["autostart"] = bool(call(dom.autostart, name=name))
+    meta = dx.parse_metadata(xml)
+    forward = meta.ssh_forward if meta else None
+    data["ssh"] = f"{forward.host}:{forward.port}" if forward else None
+    data["ports"] = [str(f) for f in meta.forwards if not f.auto] if meta else []
+    data["shares"] = [
+        {
+            "host": s.host,
+            "guest": s.guest,
+            "readonly": s.readonly,
+            "via": "virtio-fs",
+            "fstab": s.fstab,
+        }
+        for s in dx.shares_of(xml)
+    ]
     data["warnings"] = qmp_warnings(data["qmp"])
+    if data["shares"]:
+        data["warnings"].append(
+            "shares use virtio-fs (virtio-9p is not in Debian's cloud kernel); read-only is "
+            "the guest's mount option (libvirt 9.0's virtio-fs has no read-only mode): root "
+            "in the guest can remount it read-write"
+        )
     return data
 
 

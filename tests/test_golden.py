@@ -33,6 +33,7 @@ def render(example: Path) -> str:
         facts=GOLDEN_FACTS,
         qmp_endpoint=dx.planned_qmp(cfg, GOLDEN_FACTS),
         backing_formats=formats,
+        forwards=dx.planned_forwards(cfg),
     )
     return dx.to_string(root)
 
