@@ -1459,18 +1459,27 @@ def check_host_paths(config: VMConfig) -> None:
         problem = _not_a_file(config.serial_log)
         if problem not in (None, _MISSING):
             raise refuse("serial_log", f"serial log {config.serial_log} {problem}")
+
+
+def check_shares(config: VMConfig) -> None:
+    """Every share's host folder exists on this host and is a folder. Raises ConfigError."""
+    file = _file_name(config.source)
     for i, share in enumerate(config.shares):
+        where = f"shares[{i}].host"
         try:
             is_dir = stat.S_ISDIR(os.stat(share.host).st_mode)
-        except OSError as err:
-            raise refuse(
-                f"shares[{i}].host",
-                f"host folder {share.host} "
-                + (_MISSING if isinstance(err, FileNotFoundError) else f"({err.strerror})"),
+        except FileNotFoundError:
+            raise ConfigError(
+                f"host folder {share.host} {_MISSING}",
+                file=file,
+                field=where,
                 hint=f"create it (mkdir -p {share.host}) or fix the path",
             ) from None
+        except OSError as err:
+            message = f"host folder {share.host} cannot be examined: {err.strerror}"
+            raise ConfigError(message, file=file, field=where) from None
         if not is_dir:
-            raise refuse(f"shares[{i}].host", f"{share.host} is not a folder")
+            raise ConfigError(f"{share.host} is not a folder", file=file, field=where)
 
 
 # --- lookup by name ------------------------------------------------------------------------

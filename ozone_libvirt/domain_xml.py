@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import itertools
+import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -270,8 +271,10 @@ def _user_nic_args(config: VMConfig, forwards: Sequence[Forward]) -> list[str]:
         f"{b:02x}" for b in hashlib.sha256(b"mac:" + config.name.encode()).digest()[:3]
     )
     netdev = ",".join(["user", f"id={NETDEV_ID}", *(f"hostfwd={f.hostfwd()}" for f in forwards)])
-    model = QEMU_NIC_MODELS[config.network.model]
-    return ["-netdev", netdev, "-device", f"{model},netdev={NETDEV_ID},mac={mac}"]
+    # JSON, like libvirt's own -device options: QEMU makes devices given in the older syntax
+    # before all JSON ones, and this NIC would take a PCI slot libvirt assigned
+    device = {"driver": QEMU_NIC_MODELS[config.network.model], "netdev": NETDEV_ID, "mac": mac}
+    return ["-netdev", netdev, "-device", json.dumps(device, separators=(",", ":"))]
 
 
 def _kept_owner(wanted: bool) -> list[etree._Element]:

@@ -335,6 +335,7 @@ def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
         (f"disks[{i}].backing", d.backing) for i, d in enumerate(config.disks)
     ]
     inputs += [(f"disks[{i}].path", d.path) for i, d in enumerate(config.disks) if d.readonly]
+    inputs += [(f"shares[{i}].host", s.host) for i, s in enumerate(config.shares)]
     for where, path in inputs:
         if path is None:
             continue
@@ -345,12 +346,15 @@ def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
         for image in chain:
             reason = unreadable_by(image, owner) if owner is not None else None
             if reason:
+                hint = (
+                    f"ozone changes no owner of a host folder: chmod o+rx {image}, or share a "
+                    "folder QEMU's user can read"
+                    if where.startswith("shares")
+                    else "ozone never changes the owner of a shared read-only image: make it "
+                    f"readable (chmod o+r {image}) or move it to /var/lib/libvirt/images"
+                )
                 raise ConfigError(
-                    f"QEMU cannot read {image}: {reason}",
-                    file=file,
-                    field=where,
-                    hint="ozone never changes the owner of a shared read-only image: make it "
-                    f"readable (chmod o+r {image}) or move it to /var/lib/libvirt/images",
+                    f"QEMU cannot read {image}: {reason}", file=file, field=where, hint=hint
                 )
     return formats
 
@@ -368,21 +372,44 @@ def define(
     kept: the store's), then creates missing disk images and removes them again if libvirt
     refuses the domain, so a failed define leaves nothing of the VM's behind.
     """
-    from . import images, imagestore, ssh
-    from .config import check_host_paths
+    from . import ssh
 
+    new_key = config.uses_cloud_init and ssh.vm_public_key(config.name, create=False) is None
+    try:
+        return _define(conn, config, report=report, progress=progress)
+    except BaseException:
+        if new_key and find(conn, config.name) is None:
+            ssh.forget(config.name)  # made for this define, which made nothing else
+        raise
+
+
+def _define(
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    *,
+    report: Callable[[str], None],
+    progress: Callable[[int, int | None], None] | None,
+) -> DefineResult:
+    from . import images, imagestore, ssh
+    from .config import check_host_paths, check_shares
+
+    local = is_local(conn)
+    facts = host_facts(conn)
+    # what can be checked before an image is built or downloaded, is
+    if local:
+        check_shares(config)
+    if config.ports:
+        around = neighbours(conn, except_name=config.name)
+        resolve_forwards(config, around, previous=(), local=False)  # a clash, before a build
     vm_key = ssh.vm_public_key(config.name, create=True) if config.uses_cloud_init else None
     resolved = images.resolve(config, vm_key=vm_key)
     config = resolved.config
-    facts = host_facts(conn)
-    # what can be checked before an image is built or downloaded, is
     dx.domain_type(config, facts)  # refuses kvm where there is none, before any change
     dx.check_machine(config, facts)
     _check_network(conn, config)
     if resolved.ref is not None:
         imagestore.check_overlay(config, config.disks[0])
     made = imagestore.ensure(conn, resolved, report=report, progress=progress)
-    local = is_local(conn)
     formats: dict[Path, str] = {}
     if local:
         check_host_paths(config)
