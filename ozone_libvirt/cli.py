@@ -145,6 +145,10 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
         output.info(f"made {made}")
     for disk in result.disks_created:
         output.info(f"created disk {disk}")
+    for forward in result.forwards:
+        protocol, host, port, guest = forward.split(":")
+        what = "ssh" if guest == "22" and protocol == "tcp" else f"{protocol} port {guest}"
+        output.info(f"forwards {host}:{port} to the guest's {what}")
     for note in result.notes:
         output.info(f"note: {note}")
     if result.restart_needed:
@@ -390,7 +394,7 @@ def status(name: NameArg, as_json: JsonOpt = False) -> None:
 def ssh(
     name: NameArg,
     command: CommandArg = None,
-    user: Annotated[
+    login: Annotated[
         str | None,
         typer.Option(
             "--login",
@@ -398,17 +402,26 @@ def ssh(
             help="Log in as this user (default: the config's first cloud-init user, else root).",
         ),
     ] = None,
+    identity: Annotated[
+        Path | None,
+        typer.Option("--identity", "-i", help="Offer this private key too (ssh -i)."),
+    ] = None,
 ) -> None:
     """Log in to a running VM with the system's ssh, or run a command there.
 
-    `ozone ssh NAME [-- COMMAND...]`: ssh's exit status is ozone's (255: ssh could not
+    `ozone ssh NAME [-- COMMAND...]`: ozone exits with ssh's status (255: ssh could not
     connect, and ozone says why when it can tell).
     """
     from . import ssh as ssh_
 
+    options = ["-i", str(identity)] if identity else []
     with connection() as conn:
         target = ssh_.target(
-            conn, name, command or [], user=ssh_.check_user(user) if user else None
+            conn,
+            name,
+            command or [],
+            user=ssh_.check_user(login) if login else None,
+            options=options,
         )
     code = ssh_.run(target)
     if code == 255:

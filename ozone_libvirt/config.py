@@ -943,10 +943,18 @@ class _Checker:
             value = f"{value}:{value}"
         expected = '"HOSTPORT:GUESTPORT", "127.0.0.1:8080:80" or "udp:5353:53"'
         text = self.string(value, where, expected=expected)
+        if text.startswith("["):
+            raise self.fail(
+                where,
+                f"{_show(text)}: QEMU's user networking forwards from IPv4 addresses only",
+                hint='e.g. "127.0.0.1:8080:80"',
+            )
         parts = text.split(":")
         protocol = "tcp"
         if parts[0] in ("tcp", "udp"):
             protocol = parts.pop(0)
+        elif parts[0].isalpha() and parts[0] != "localhost":
+            raise self.fail(where, f"protocol {_show(parts[0])} is not tcp or udp")
         host = parts.pop(0) if len(parts) == 3 else "127.0.0.1"
         if len(parts) != 2 or not all(_PORT_RE.fullmatch(p) for p in parts):
             raise self.fail(where, f"{_show(text)} is not a port forward; expected {expected}")
@@ -1020,8 +1028,16 @@ class _Checker:
             )
         if any(part in (".", "..") for part in guest.split("/")):
             raise self.fail(f"{where}.guest", f"{_show(guest)} is not a normalised folder")
+        host = self.path(data["host"], f"{where}.host")
+        if "," in str(host):
+            raise self.fail(
+                f"{where}.host",
+                f"{_show(str(host))} contains a comma, which virtiofsd would read as the start "
+                "of another option",
+                hint="share a folder whose path has no comma",
+            )
         return Share(
-            host=self.path(data["host"], f"{where}.host"),
+            host=host,
             guest=guest,
             readonly=self.boolean(data.get("readonly", False), f"{where}.readonly"),
         )

@@ -87,6 +87,12 @@ def translate(
             f"cannot connect to libvirt at {uri or 'the default URI'}: {message}",
             hint="is libvirtd running? scripts/setup-host starts it; -c URI picks another host",
         )
+    if code == libvirt.VIR_ERR_OPERATION_INVALID and "vhost-user-fs" in message:
+        return StateError(
+            f"{name or 'the VM'} shares host folders (virtio-fs), and QEMU cannot save the "
+            "state of a VM with virtio-fs: no snapshots of it running, no saved state",
+            hint="stop it for a snapshot of its disks, or share no folders with it",
+        )
     if code == libvirt.VIR_ERR_OPERATION_INVALID:
         return StateError(message)
     if code == libvirt.VIR_ERR_DOM_EXIST:
@@ -263,11 +269,12 @@ def host_facts(conn: libvirt.virConnect) -> HostFacts:
 def local_host_facts() -> HostFacts:
     """Best guess without a connection (for `ozone xml`)."""
     from .domain_xml import HostFacts
-    from .state import qmp_folder
+    from .state import VIRTIOFSD_RO, qmp_folder
 
     kvm = os.path.exists("/dev/kvm")
     qmp_dir = qmp_folder(session=os.getuid() != 0)
-    return HostFacts(kvm=kvm, accel_override=accel_override(), qmp_dir=qmp_dir)
+    guard = VIRTIOFSD_RO if os.getuid() == 0 else None  # what define installs as root
+    return HostFacts(kvm=kvm, accel_override=accel_override(), qmp_dir=qmp_dir, virtiofsd_ro=guard)
 
 
 def accel_override() -> str | None:

@@ -62,6 +62,9 @@ class HostFacts:
     qmp_dir: Path | None = None
     # the user:group libvirt runs QEMU as (DAC label "+UID:+GID"), when known
     qemu_label: str | None = None
+    # ozone's virtiofsd wrapper that makes a share read-only on the host (None: none
+    # installed; a read-only share is then only mounted read-only by the guest)
+    virtiofsd_ro: Path | None = None
 
 
 def preferred_qmp_port(name: str, attempt: int = 0) -> int:
@@ -339,16 +342,15 @@ def _devices(
         devices.append(iface)
 
     for i, share in enumerate(config.shares):
-        # libvirt 9.0 refuses <readonly/> on virtio-fs: read-only is the guest's mount option
-        devices.append(
-            E.filesystem(
-                E.driver(type="virtiofs", queue="1024"),
-                E.source(dir=str(share.host)),
-                E.target(dir=share_tag(i)),
-                type="mount",
-                accessmode="passthrough",
-            )
-        )
+        fs = E.filesystem(E.driver(type="virtiofs", queue="1024"), type="mount")
+        fs.set("accessmode", "passthrough")
+        # libvirt 9.0 refuses <readonly/> on virtio-fs: ozone's wrapper of virtiofsd makes
+        # the folder read-only on the host (and the guest mounts it read-only)
+        if share.readonly and facts.virtiofsd_ro is not None:
+            fs.append(E.binary(path=str(facts.virtiofsd_ro)))
+        fs.append(E.source(dir=str(share.host)))
+        fs.append(E.target(dir=share_tag(i)))
+        devices.append(fs)
     devices.append(
         E.serial(
             E.log(file=str(serial_log_path(config, facts)), append="off"),
@@ -466,6 +468,7 @@ class ShareInfo:
     tag: str
     guest: str | None  # where the guest mounts it (None: not a share of ozone's)
     readonly: bool
+    enforced_by: str | None = None  # a read-only share's guard: "host" or "guest mount"
 
     @property
     def fstab(self) -> str | None:
@@ -490,7 +493,10 @@ def shares_of(xml: str) -> list[ShareInfo]:
         if tag is None or source is None:
             continue
         guest, readonly = mounts.get(tag.get("dir", ""), (None, fs.find("readonly") is not None))
-        found.append(ShareInfo(source.get("dir", ""), tag.get("dir", ""), guest, readonly))
+        binary = fs.find("binary")
+        host_ro = binary is not None and (binary.get("path") or "").endswith("/virtiofsd-ro")
+        guard = ("host" if host_ro else "guest mount") if readonly else None
+        found.append(ShareInfo(source.get("dir", ""), tag.get("dir", ""), guest, readonly, guard))
     return found
 
 

@@ -257,6 +257,15 @@ def run(
     facts = host_facts(conn)
     dx.check_machine(config, facts)
     check_host_paths(dataclasses.replace(config, disks=()))
+    if config.shares:
+        from .config import check_shares
+        from .vm import with_share_guard
+
+        check_shares(config)
+        facts = with_share_guard(config, facts)
+        if options.use_cache:
+            report("no boot cache: QEMU cannot save the state of a VM with shares (virtio-fs)")
+            options = dataclasses.replace(options, use_cache=False)
     for leftover in reap_runs(conn):
         report(f"removed {leftover}, left by a run that died")
     slot = None

@@ -23,6 +23,7 @@ from typing import IO, Any
 from .errors import OzoneError
 
 SYSTEM_STATE = Path("/var/lib/ozone")
+VIRTIOFSD_RO = SYSTEM_STATE / "libexec" / "virtiofsd-ro"
 
 
 def state_dir() -> Path:
@@ -101,6 +102,45 @@ def qmp_folder(*, session: bool) -> Path:
     if session:
         return state_dir() / "qmp"
     return SYSTEM_STATE / "qmp"
+
+
+def install_virtiofsd_ro() -> Path | None:
+    """Install ozone's read-only virtiofsd wrapper (``data/virtiofsd-ro``) where libvirt,
+    which runs it as root, may: ``/var/lib/ozone/libexec``, root's all the way, 0755. Its
+    path, or None when this process is not root (no read-only shares from the host then)."""
+    if os.geteuid() != 0:
+        return None
+    from importlib.resources import files
+
+    text = (files(__package__) / "data" / "virtiofsd-ro").read_bytes()
+    folder = VIRTIOFSD_RO.parent
+    for path in (SYSTEM_STATE, folder):
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o755)
+        info = path.lstat()
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+            raise OzoneError(
+                f"{path} is not a folder only root can change",
+                hint="libvirt runs ozone's virtiofsd wrapper from there as root: remove it "
+                "(ozone makes it anew), or share no folder read-only",
+            )
+    target = VIRTIOFSD_RO
+    with contextlib.suppress(OSError):
+        info = target.lstat()
+        ours = stat.S_ISREG(info.st_mode) and info.st_uid == 0
+        if ours and stat.S_IMODE(info.st_mode) == 0o755 and target.read_bytes() == text:
+            return target
+    temp = folder / f".virtiofsd-ro.{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text)
+        os.chmod(temp, 0o755)  # whatever the umask
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return target
 
 
 def ensure_qmp_folder(folder: Path, owner: tuple[int, int] | None) -> bool:

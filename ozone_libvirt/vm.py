@@ -271,6 +271,16 @@ def _free_ssh_forward(name: str, free: Callable[[Forward], bool], *, avoid: int 
     raise ConflictError("no free loopback port left for ssh")  # pragma: no cover
 
 
+def with_share_guard(config: VMConfig, facts: dx.HostFacts) -> dx.HostFacts:
+    """``facts`` with ozone's read-only virtiofsd wrapper, installed on this host, when the
+    config shares a folder read-only (and ozone runs as root: else the guest's mount guards)."""
+    if not any(s.readonly for s in config.shares):
+        return facts
+    from .state import install_virtiofsd_ro
+
+    return dataclasses.replace(facts, virtiofsd_ro=install_virtiofsd_ro())
+
+
 def _qmp_folder_ready(facts: dx.HostFacts) -> bool:
     """Make the private folder of `qmp: auto` sockets (mode 0700, QEMU's user)."""
     return facts.qmp_dir is not None and ensure_qmp_folder(
@@ -414,6 +424,7 @@ def _define(
     if local:
         check_host_paths(config)
         formats = _readable_inputs(config, facts)
+        facts = with_share_guard(config, facts)
     notes = []
     if config.qmp.kind == "auto" and not (local and _qmp_folder_ready(facts)):
         facts = dataclasses.replace(facts, qmp_dir=None)
@@ -890,17 +901,17 @@ def status(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
             "host": s.host,
             "guest": s.guest,
             "readonly": s.readonly,
+            "enforced_by": s.enforced_by,
             "via": "virtio-fs",
             "fstab": s.fstab,
         }
         for s in dx.shares_of(xml)
     ]
     data["warnings"] = qmp_warnings(data["qmp"])
-    if data["shares"]:
+    if any(s["enforced_by"] == "guest mount" for s in data["shares"]):
         data["warnings"].append(
-            "shares use virtio-fs (virtio-9p is not in Debian's cloud kernel); read-only is "
-            "the guest's mount option (libvirt 9.0's virtio-fs has no read-only mode): root "
-            "in the guest can remount it read-write"
+            "a read-only share is only mounted read-only by the guest, whose root can remount "
+            "it: `ozone define` it again as root, which installs ozone's read-only virtiofsd"
         )
     return data
 

@@ -107,6 +107,9 @@ def remove_domain(name: str) -> None:
         capture_output=True,
         check=False,
     )
+    from ozone_libvirt.ssh import forget
+
+    forget(name)  # the VM's ssh key, made when a config has cloud-init
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,10 @@ EXAMPLES = sorted(p for p in (REPO / "examples").iterdir() if p.suffix in (".jso
 GOLDEN_ROOT = Path("/srv/ozone")
 GOLDEN_STORE = images.SYSTEM_STORE
 GOLDEN_FACTS = dx.HostFacts(
-    kvm=True, log_dir=Path("/var/log/libvirt/qemu"), qmp_dir=Path("/var/lib/ozone/qmp")
+    kvm=True,
+    log_dir=Path("/var/log/libvirt/qemu"),
+    qmp_dir=Path("/var/lib/ozone/qmp"),
+    virtiofsd_ro=Path("/var/lib/ozone/libexec/virtiofsd-ro"),
 )
 
 
