@@ -116,6 +116,11 @@ def target(
         host, port = forward.host, forward.port
         if not is_local(conn):
             jump = _jump_host(conn)
+    elif _on_user_networking(call(dom.XMLDesc, 0, name=name)):
+        raise StateError(
+            f"{name} has no ssh port forward (it was defined before ozone made them)",
+            hint=f"`ozone define {name}` again, then restart it",
+        )
     else:
         host, port = _guest_address(conn, name), 22
     login = user or meta.ssh_user or "root"
@@ -141,6 +146,16 @@ def target(
     if command:
         argv += ["--", *command]
     return Target(name=name, user=login, host=host, port=port, jump=jump, argv=argv)
+
+
+def _on_user_networking(xml: str) -> bool:
+    """The guest is on QEMU's user-mode network: not reachable from the host at its address."""
+    from lxml import etree
+
+    from .domain_xml import NETDEV_ID
+
+    root = etree.fromstring(xml.encode())
+    return root.find("devices/interface[@type='user']") is not None or NETDEV_ID in xml
 
 
 def _jump_host(conn: libvirt.virConnect) -> str:

@@ -242,15 +242,6 @@ def resolve_forwards(
                 hint="each host port reaches one VM: pick another one",
             )
         forwards.append(forward)
-    mine = [f for f in forwards if not f.auto]
-
-    def free(candidate: Forward) -> bool:
-        return not (
-            around.port_owner(candidate)
-            or any(candidate.overlaps(f) for f in mine)
-            or (local and not tcp_port_free(candidate.host, candidate.port))
-        )
-
     for i, forward in enumerate(forwards):
         if not forward.auto:
             continue
@@ -258,15 +249,21 @@ def resolve_forwards(
         if kept is not None and not around.port_owner(kept):
             forwards[i] = kept  # still ours, listening or not: the VM may be running
             continue
-        forwards[i] = _free_ssh_forward(config.name, free)
+        forwards[i] = _free_ssh_forward(config.name, around, forwards, local=local)
     return tuple(forwards)
 
 
-def _free_ssh_forward(name: str, free: Callable[[Forward], bool], *, avoid: int = 0) -> Forward:
+def _free_ssh_forward(
+    name: str, around: Neighbours, forwards: list[Forward], *, local: bool, avoid: int = 0
+) -> Forward:
+    """A loopback port for the ssh forward: no other VM's, none of the VM's own other
+    ``forwards``, and (on this host) nobody listens on it."""
+    mine = [f for f in forwards if not f.auto]
     for attempt in range(dx.SSH_PORT_COUNT):
         port = dx.preferred_ssh_port(name, attempt)
         candidate = Forward("tcp", "127.0.0.1", port, 22, auto=True)
-        if port != avoid and free(candidate):
+        taken = around.port_owner(candidate) or any(candidate.overlaps(f) for f in mine)
+        if port != avoid and not taken and not (local and not tcp_port_free("127.0.0.1", port)):
             return candidate
     raise ConflictError("no free loopback port left for ssh")  # pragma: no cover
 
@@ -600,16 +597,8 @@ def _move_ssh_port(conn: libvirt.virConnect, dom: libvirt.virDomain, old: Forwar
         xml = call(dom.XMLDesc, flags, name=dom.name())
         meta = dx.parse_metadata(xml)
         forwards = list(meta.forwards if meta else ())
-        mine = [f for f in forwards if f != old]
-
-        def free(candidate: Forward) -> bool:
-            return not (
-                around.port_owner(candidate)
-                or any(candidate.overlaps(f) for f in mine)
-                or not tcp_port_free(candidate.host, candidate.port)
-            )
-
-        forwards[forwards.index(old)] = _free_ssh_forward(dom.name(), free, avoid=old.port)
+        moved = _free_ssh_forward(dom.name(), around, forwards, local=True, avoid=old.port)
+        forwards[forwards.index(old)] = moved
         call(conn.defineXML, dx.with_forwards(xml, forwards), name=dom.name())
 
 

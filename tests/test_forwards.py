@@ -244,6 +244,8 @@ def test_ssh_ports_differ_and_move_away_from_another_program(vms):
         assert run_ozone("define", str(path)).returncode == 0
     taken = ssh_port(first)
     assert ssh_port(second) != taken
+    assert run_ozone("define", str(path1)).returncode == 0  # defined again: the port stays
+    assert ssh_port(first) == taken
     proc = run_ozone("ssh", second)
     assert proc.returncode == 1 and f"{second} is not running" in proc.stderr, proc.stderr
     with socket.socket() as squatter:
