@@ -246,7 +246,8 @@ def resolve_forwards(
         if not forward.auto:
             continue
         kept = next((f for f in previous if f.auto and f.guest == forward.guest), None)
-        if kept is not None and not around.port_owner(kept):
+        clash = kept is not None and any(kept.overlaps(f) for f in forwards if not f.auto)
+        if kept is not None and not clash and not around.port_owner(kept):
             forwards[i] = kept  # still ours, listening or not: the VM may be running
             continue
         forwards[i] = _free_ssh_forward(config.name, around, forwards, local=local)
@@ -385,8 +386,9 @@ def define(
     try:
         return _define(conn, config, report=report, progress=progress)
     except BaseException:
-        if new_key and find(conn, config.name) is None:
-            ssh.forget(config.name)  # made for this define, which made nothing else
+        dom = find(conn, config.name) if new_key else None
+        if new_key and (dom is None or metadata(dom) is None):
+            ssh.forget(config.name)  # made for this define, which made no VM of ozone's
         raise
 
 

@@ -29,7 +29,9 @@ from ozone_libvirt.config import (
     DISK_KEYS,
     IMAGE_KEYS,
     NETWORK_KEYS,
+    PORT_KEYS,
     QMP_KEYS,
+    SHARE_KEYS,
     TOP_KEYS,
     WRITE_FILE_KEYS,
     load_config,
@@ -163,6 +165,26 @@ VALID: dict[str, st.SearchStrategy[Any]] = {
             "ssh_authorized_keys": st.just(["ssh-ed25519 AAAAC3Nza dev@x"]),
         },
     ),
+    "ports": st.lists(
+        st.sampled_from(
+            [
+                "8080:80",
+                "udp:5353:53",
+                "127.0.0.2:8443:443",
+                9000,
+                {"forward": "0.0.0.0:9001:90", "allow_remote": True},
+            ]
+        ),
+        max_size=3,
+        unique_by=str,
+    ),
+    "shares": st.lists(
+        st.fixed_dictionaries(
+            {"host": paths, "guest": st.sampled_from(["/srv/site", "/b/c.d", "//x/../y"])},
+            optional={"readonly": st.booleans()},
+        ),
+        max_size=2,
+    ),
 }
 assert set(VALID) == set(TOP_KEYS)
 
@@ -178,6 +200,16 @@ HOSTILE: dict[str, st.SearchStrategy[Any]] = {
     ),
     "network": st.fixed_dictionaries({}, optional={k: scalars for k in NETWORK_KEYS}),
     "qmp": st.fixed_dictionaries({"endpoint": text}, optional={"allow_remote": scalars}),
+    "ports": st.lists(
+        st.one_of(
+            text, scalars, st.fixed_dictionaries({}, optional={k: scalars for k in PORT_KEYS})
+        ),
+        max_size=3,
+    ),
+    "shares": st.lists(
+        st.fixed_dictionaries({}, optional={k: st.one_of(scalars, text) for k in SHARE_KEYS}),
+        max_size=2,
+    ),
     "image": st.fixed_dictionaries({}, optional={k: scalars for k in IMAGE_KEYS}),
     "cloud_init": st.fixed_dictionaries(
         {},
