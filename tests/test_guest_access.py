@@ -192,3 +192,12 @@ def test_a_second_vm_gets_its_own_ssh_port_and_not_a_taken_host_port(box, tmp_pa
         assert theirs and ours and theirs != ours
     finally:
         oz("undefine", other)
+
+
+def test_saving_a_vm_with_shares_is_refused_with_the_reason(box):
+    for args in (("snapshot", "create", box.name, "s1"), ("save", box.name)):
+        proc = oz(*args)
+        assert proc.returncode == 1, proc.stderr
+        assert "shares host folders (virtio-fs), and QEMU cannot save" in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert json.loads(oz("status", box.name, "--json").stdout)["state"] == "running"
