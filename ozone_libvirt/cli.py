@@ -190,8 +190,10 @@ def start(
             if path is not None:
                 from .config import load_config
 
+                cfg = load_config(path)
+                name = cfg.name  # `ozone start vms/web.yaml` starts the VM it names
                 with output.activity(f"Defining {name}:", enabled=not as_json) as steps:
-                    vm.define(conn, load_config(path), report=steps[0], progress=steps[1])
+                    vm.define(conn, cfg, report=steps[0], progress=steps[1])
                 output.info(f"defined {name} from {path}")
         with progress(f"Starting {name}…", as_json):
             result = vm.start(conn, name)

@@ -236,3 +236,12 @@ def test_logs_show_the_serial_console(vms):
     assert status["serial_log"].endswith(f"{name}-serial.log")
     assert as_json("stop", name, "--force")["method"] == "forced"
     assert virsh("domstate", name).strip() == "shut off"
+
+
+def test_start_with_a_config_path_defines_and_starts_the_vm_it_names(vms):
+    name, path = vms.config()
+    proc = run_ozone("start", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert f"defined {name} from {path}" in proc.stderr
+    assert proc.stdout.startswith(f"Started {name}")
+    assert virsh("domstate", name).strip() == "running"
