@@ -6,8 +6,10 @@ another program, ssh's message when nothing answers. test_guest_access.py has th
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from ozone_libvirt.config import parse_config
 from ozone_libvirt.errors import ConfigError
 from ozone_libvirt.metadata import Forward, parse_metadata
 
-from .conftest import run_ozone, virsh
+from .conftest import PREFIX, guest_sh, run_ozone, virsh
 
 FACTS = dx.HostFacts(qmp_dir=Path("/var/lib/ozone/qmp"))
 Q = "{http://libvirt.org/schemas/domain/qemu/1.0}"
@@ -280,3 +282,34 @@ def test_start_reports_a_forwarded_port_taken_by_another_program(vms):
         )
         assert "Traceback" not in proc.stderr
     assert virsh("domstate", name).strip() == "shut off"
+
+
+@pytest.fixture
+def network(libvirtd: str, tmp_path: Path) -> Iterator[str]:
+    """An isolated libvirt network of the test's own (a bridge, no DHCP, no DNS)."""
+    name = f"{PREFIX}net"
+    xml = tmp_path / "net.xml"
+    xml.write_text(
+        f"<network><name>{name}</name><bridge name='oztbr{os.getpid() % 100000}'/>"
+        "<dns enable='no'/><ip address='192.168.250.1' netmask='255.255.255.0'/></network>"
+    )
+    virsh("net-create", str(xml))  # transient: gone once destroyed
+    try:
+        yield name
+    finally:
+        virsh("net-destroy", name, check=False)
+
+
+@pytest.mark.libvirtd
+@pytest.mark.guest
+def test_ssh_on_a_libvirt_network_goes_to_the_guests_address(vms, network):
+    name, path = vms.config({"network": f"network:{network}"})
+    assert run_ozone("define", str(path)).returncode == 0
+    proc = run_ozone("start", name, "--wait")
+    assert proc.returncode == 0, proc.stderr
+    # the tiny guest configures no NIC itself: give it an address the agent then reports
+    guest_sh(name, "ip link set eth0 up && ip addr add 192.168.250.2/24 dev eth0")
+    assert json.loads(run_ozone("status", name, "--json").stdout)["ssh"] is None  # no forward
+    proc = run_ozone("ssh", name, "--", "true")
+    assert proc.returncode == 255
+    assert f"no ssh server answers on {name}'s port 22 (through 192.168.250.2:22)" in proc.stderr
