@@ -55,6 +55,14 @@ ConfigArg = Annotated[
 ]
 
 
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        output.emit(f"ozone {__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _globals(
     connect: Annotated[
@@ -64,6 +72,12 @@ def _globals(
         ),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show more detail.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print ozone's version and exit.", is_eager=True, callback=_version
+        ),
+    ] = False,
 ) -> None:
     G.uri = connect
     G.verbose = verbose
@@ -431,6 +445,43 @@ def ssh(
         if problem is not None:
             output.error(problem, as_json=False)
     raise typer.Exit(code)
+
+
+@app.command()
+@handles_errors
+def events(
+    name: Annotated[
+        str | None, typer.Argument(help="Only this VM's events (default: every domain's).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds.", callback=_seconds)
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="A JSON object a line: time, name, uuid, event, reason.")
+    ] = False,
+) -> None:
+    """Print VM lifecycle and guest-agent events as they happen (started, paused, shut down,
+    stopped with its reason, crashed, saved, restored, migrated, agent connected), until
+    Ctrl-C or --timeout."""
+    import json
+
+    from . import events as ev
+
+    def show(event: ev.Event) -> None:
+        text = json.dumps(event.to_dict()) if as_json else event.line()
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+    def ready() -> None:
+        if not as_json and sys.stderr.isatty():
+            output.info("listening for events (Ctrl-C ends)")
+
+    ev.prepare()  # before the connection opens
+    with connection() as conn:
+        try:
+            ev.follow(conn, show, name=name, timeout=timeout, ready=ready)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
 
 
 @app.command()

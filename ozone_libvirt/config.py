@@ -399,7 +399,7 @@ def parse_size(value: object, *, where: str, file: str | None = None) -> int:
         raise ConfigError(f"expected a size, got {_describe(value)}", file=file, field=where)
     if not isinstance(value, str):
         numerator, denominator = value.as_integer_ratio()  # exact: no rounding, no overflow
-        return numerator * _UNITS[""] // denominator
+        return _whole_bytes(numerator * _UNITS[""], denominator, value, where, file)
     m = _SIZE_RE.fullmatch(value)
     unit = m.group(2).lower() if m else ""
     if not m or unit not in _UNITS:
@@ -410,8 +410,24 @@ def parse_size(value: object, *, where: str, file: str | None = None) -> int:
             field=where,
         )
     whole, _, fraction = m.group(1).partition(".")
-    scale: int = 10 ** len(fraction)
-    return int(whole + fraction) * _UNITS[unit] // scale
+    numerator = int(whole + fraction) * _UNITS[unit]
+    return _whole_bytes(numerator, 10 ** len(fraction), value, where, file)
+
+
+def _whole_bytes(
+    numerator: int, denominator: int, value: object, where: str, file: str | None
+) -> int:
+    """numerator / denominator bytes, which must be a whole number ("1.1MiB" is not)."""
+    size, rest = divmod(numerator, denominator)
+    if rest:
+        raise ConfigError(
+            f"{_show(value) if isinstance(value, str) else _describe(value)} is not a whole "
+            f"number of bytes (about {size} and a fraction)",
+            file=file,
+            field=where,
+            hint='give it in a smaller unit, e.g. "1126KiB" rather than "1.1MiB"',
+        )
+    return size
 
 
 # --- reading files -------------------------------------------------------------------------

@@ -63,3 +63,14 @@ def test_commands_that_read_no_config_do_not_import_the_validator():
     assert "ozone_libvirt.inventory" in loaded  # it did list
     for heavy in ("ozone_libvirt.config", "yaml", "ozone_libvirt.vm", "ozone_libvirt.domain_xml"):
         assert heavy not in loaded, f"`ozone list` imported {heavy}"
+
+
+def test_version():
+    import tomllib
+
+    from ozone_libvirt import __version__
+
+    proc = run_ozone("--version")
+    assert (proc.returncode, proc.stdout) == (0, f"ozone {__version__}\n"), proc.stderr
+    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert __version__ == declared  # the package and its metadata say the same

@@ -528,6 +528,10 @@ def test_sizes_are_exact():
     assert parse_size("0.5KiB", where="m") == 512
     assert parse_size(1.5, where="m") == 1536 * 1024
     assert parse_size("16TiB", where="m") == 16 * 1024**4
+    # a fraction of a byte is an error, never rounded away (it was: 1153433 bytes)
+    for fraction in ("1.1MiB", 1.1, "0.001KiB", "1.0000000001GB"):
+        with pytest.raises(ConfigError, match="is not a whole number of bytes"):
+            parse_size(fraction, where="m")
 
 
 @pytest.mark.parametrize(
