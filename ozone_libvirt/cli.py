@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
-from . import output
+from . import completion, output
 from .errors import EXIT_FAILED, Interrupted, OzoneError, UsageError, interrupted_exit_code
 
 if TYPE_CHECKING:
@@ -33,7 +33,7 @@ app = typer.Typer(
     name="ozone",
     help="Declarative QEMU virtual machines on libvirt: one JSON/YAML file per VM.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
@@ -48,10 +48,19 @@ class Globals:
 G = Globals()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
-NameArg = Annotated[str, typer.Argument(help="VM (libvirt domain) name.", show_default=False)]
+NameArg = Annotated[
+    str,
+    typer.Argument(
+        help="VM (libvirt domain) name.", show_default=False, autocompletion=completion.vm_names
+    ),
+]
 ConfigArg = Annotated[
     str,
-    typer.Argument(help="Config name (found on OZONE_CONFIG_PATH) or path.", show_default=False),
+    typer.Argument(
+        help="Config name (found on OZONE_CONFIG_PATH) or path.",
+        show_default=False,
+        autocompletion=completion.config_names,
+    ),
 ]
 
 
@@ -181,7 +190,13 @@ def _ask_for_name() -> str:
 @app.command()
 @handles_errors
 def start(
-    name: Annotated[str | None, typer.Argument(help="VM name; asked for when omitted.")] = None,
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            help="VM name (or config); asked for when omitted.",
+            autocompletion=completion.vm_or_config_names,
+        ),
+    ] = None,
     wait: Annotated[
         bool, typer.Option("--wait", help="Return when the guest agent answers.")
     ] = False,
@@ -451,7 +466,11 @@ def ssh(
 @handles_errors
 def events(
     name: Annotated[
-        str | None, typer.Argument(help="Only this VM's events (default: every domain's).")
+        str | None,
+        typer.Argument(
+            help="Only this VM's events (default: every domain's).",
+            autocompletion=completion.vm_names,
+        ),
     ] = None,
     timeout: Annotated[
         float | None, typer.Option(help="Stop after this many seconds.", callback=_seconds)
@@ -823,7 +842,12 @@ snapshot_app = typer.Typer(
     help="Snapshots of a VM (with memory when it runs).", no_args_is_help=True
 )
 app.add_typer(snapshot_app, name="snapshot")
-SnapArg = Annotated[str, typer.Argument(help="Snapshot name.", show_default=False)]
+SnapArg = Annotated[
+    str,
+    typer.Argument(
+        help="Snapshot name.", show_default=False, autocompletion=completion.snapshot_names
+    ),
+]
 
 
 @snapshot_app.command("create")
@@ -1000,7 +1024,11 @@ def cache_list(as_json: JsonOpt = False) -> None:
 @handles_errors
 def cache_clear(
     config: Annotated[
-        str | None, typer.Argument(help="Only this config's entries (its path or name).")
+        str | None,
+        typer.Argument(
+            help="Only this config's entries (its path or name).",
+            autocompletion=completion.config_names,
+        ),
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:

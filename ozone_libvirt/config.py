@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from .completion import CONFIG_SUFFIXES, config_search_path
 from .errors import ConfigError
 from .metadata import Forward
 from .units import format_size
@@ -34,8 +35,6 @@ from .units import format_size
 if TYPE_CHECKING:
     import yaml
 
-CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
-DEFAULT_CONFIG_PATH = ("./vms", "~/.config/ozone/vms")
 
 # Patterns are anchored with \A...\Z and applied with fullmatch, never `$`, which also matches
 # before a trailing newline ("web\n" would pass as a name). Character classes are spelled
@@ -1515,12 +1514,6 @@ def check_shares(config: VMConfig) -> None:
 
 
 # --- lookup by name ------------------------------------------------------------------------
-
-
-def config_search_path() -> list[Path]:
-    raw = os.environ.get("OZONE_CONFIG_PATH")
-    parts = raw.split(os.pathsep) if raw else list(DEFAULT_CONFIG_PATH)
-    return [Path(p).expanduser() for p in parts if p]
 
 
 def find_config(name_or_path: str) -> Path:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from lxml import etree
 
 from .conftest import REPO, ozone_env, run_ozone
@@ -74,3 +77,52 @@ def test_version():
     assert (proc.returncode, proc.stdout) == (0, f"ozone {__version__}\n"), proc.stderr
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert __version__ == declared  # the package and its metadata say the same
+
+
+COMPLETE = """
+eval "$(ozone --show-completion bash)"
+COMP_WORDS=(ozone "$@")
+COMP_CWORD=$(( ${#COMP_WORDS[@]} - 1 ))
+_ozone_completion ozone
+printf '%s\\n' "${COMPREPLY[@]}"
+"""
+
+
+def complete(*words: str, cwd: Path | None = None, **env: str) -> list[str]:
+    """What bash completes for `ozone WORDS…` (the last word being typed), through the
+    script `ozone --show-completion bash` prints, as an interactive bash would run it."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    proc = subprocess.run(
+        ["bash", "-c", COMPLETE, "complete", *words],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=ozone_env(PATH=path, **env),
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    return proc.stdout.split()
+
+
+@pytest.mark.libvirtd
+def test_bash_completes_vm_and_config_names(vms, tmp_path):
+    name, _path = vms.config({"cdrom": "/dev/null"}, tiny=False)
+    (tmp_path / "vms").mkdir()
+    (tmp_path / "vms" / "alpha.yaml").write_text("name: alpha\n")
+    (tmp_path / "vms" / "beta.json").write_text("{}")
+    subprocess.run(
+        ["virsh", "-c", "qemu:///system", "define", "/dev/stdin"],
+        input=f"<domain type='qemu'><name>{name}</name><memory>65536</memory><os>"
+        "<type arch='x86_64'>hvm</type></os></domain>",
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    assert complete("status", name[:-1]) == [name]
+    assert complete("start", name) == [name]
+    assert complete("define", "al", cwd=tmp_path) == ["alpha"]
+    assert complete("define", "vms/", cwd=tmp_path) == ["vms/alpha.yaml", "vms/beta.json"]
+    assert complete("status", "ozt-nothing-like-this") == []
+    # no libvirt to ask: nothing offered, and nothing printed
+    assert complete("status", "x", LIBVIRT_DEFAULT_URI="qemu+tcp://127.0.0.1:1/system") == []
