@@ -86,7 +86,8 @@ def mount_unit_name(folder: str) -> str:
 
 
 def mount_unit(share: Share, tag: str) -> str:
-    """A systemd mount unit that mounts ``share`` at boot (a failure fails no boot: nofail)."""
+    """A systemd mount unit that mounts ``share`` at boot. Wanted, not required, by
+    local-fs.target (fstab's nofail): a share that is gone fails no boot."""
     options = "ro" if share.readonly else "rw"
     return (
         "# ozone: a host folder shared through virtio-fs\n"
@@ -94,11 +95,6 @@ def mount_unit(share: Share, tag: str) -> str:
         f"[Mount]\nWhat={tag}\nWhere={share.guest}\nType=virtiofs\nOptions={options}\n\n"
         "[Install]\nWantedBy=local-fs.target\n"
     )
-
-
-def fstab_line(share: Share, tag: str) -> str:
-    """The same as an /etc/fstab line, for guests without cloud-init."""
-    return f"{tag} {share.guest} virtiofs {'ro' if share.readonly else 'rw'},nofail 0 0"
 
 
 def cloud_config(

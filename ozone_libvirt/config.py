@@ -130,6 +130,13 @@ MAX_SHARES = 16
 LOWEST_HOST_PORT = 1024
 # a guest folder a share is mounted on: it becomes a systemd mount unit's Where= and an fstab
 # field, where spaces, commas and backslashes would need escaping
+# folders a share must not be mounted on (it would hide them in the guest)
+_SYSTEM_FOLDER_LIST = (
+    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp",
+    "/usr", "/var", "/usr/local", "/var/lib", "/var/log", "/var/tmp",
+)  # fmt: skip
+_SYSTEM_FOLDERS = frozenset(_SYSTEM_FOLDER_LIST)
 _GUEST_MOUNT_RE = re.compile(r"\A(?:/[A-Za-z0-9_.@+-]+)+\Z")
 
 
@@ -789,7 +796,11 @@ class _Checker:
 
     def path(self, value: object, where: str) -> Path:
         """A host file: ``~`` expanded, relative to the config's folder, normalised."""
-        path = Path(self.path_text(value, where, "a file path")).expanduser()
+        text = self.path_text(value, where, "a file path")
+        try:
+            path = Path(text).expanduser()
+        except RuntimeError:  # ~user of a user this host does not have
+            raise self.fail(where, f"{_show(text)} names a user this host does not have") from None
         if not path.is_absolute():
             path = self.base / path
         return Path(os.path.normpath(path))
@@ -1033,16 +1044,26 @@ class _Checker:
                     f"{where}.{key}",
                     "missing; e.g. {host: ./src, guest: /srv/src, readonly: true}",
                 )
-        guest = self.guest_dir(data["guest"], f"{where}.guest")
-        if not _GUEST_MOUNT_RE.fullmatch(guest) or len(guest) > 255:
+        raw = data["guest"]
+        if isinstance(raw, str) and ".." in raw.split("/"):
+            raise self.fail(f"{where}.guest", f"{_show(raw)}: no '..' in a share's guest folder")
+        guest = self.guest_dir(raw, f"{where}.guest")
+        if len(guest) > 255:
+            raise self.fail(f"{where}.guest", "a guest folder of at most 255 characters")
+        if not _GUEST_MOUNT_RE.fullmatch(guest) or guest.split("/")[1] == ".":
             raise self.fail(
                 f"{where}.guest",
                 f"{_show(guest)}: a share's guest folder may hold letters, digits and "
                 "'_.@+-' in each part",
                 hint="e.g. /srv/site",
             )
-        if any(part in (".", "..") for part in guest.split("/")):
-            raise self.fail(f"{where}.guest", f"{_show(guest)} is not a normalised folder")
+        top = "/" + guest.split("/")[1]
+        if guest in _SYSTEM_FOLDERS or top in ("/proc", "/sys", "/dev"):
+            raise self.fail(
+                f"{where}.guest",
+                f"{guest} is a system folder: the share would hide it in the guest at every boot",
+                hint="mount it somewhere of its own, e.g. /srv/NAME or /mnt/NAME",
+            )
         host = self.path(data["host"], f"{where}.host")
         if "," in str(host):
             raise self.fail(
@@ -1493,7 +1514,9 @@ def check_host_paths(config: VMConfig) -> None:
 
 
 def check_shares(config: VMConfig) -> None:
-    """Every share's host folder exists on this host and is a folder. Raises ConfigError."""
+    """Every share's host folder exists on this host, is a folder and can be read by the user
+    virtiofsd runs as: this one (root on qemu:///system; QEMU itself never opens it). Raises
+    ConfigError."""
     file = _file_name(config.source)
     for i, share in enumerate(config.shares):
         where = f"shares[{i}].host"
@@ -1511,6 +1534,15 @@ def check_shares(config: VMConfig) -> None:
             raise ConfigError(message, file=file, field=where) from None
         if not is_dir:
             raise ConfigError(f"{share.host} is not a folder", file=file, field=where)
+        if not os.access(share.host, os.R_OK | os.X_OK):
+            raise ConfigError(
+                f"host folder {share.host} cannot be read by this user, as whom virtiofsd "
+                "would read it",
+                file=file,
+                field=where,
+                hint="share a folder you can read (on qemu:///system libvirt runs virtiofsd "
+                "as root)",
+            )
 
 
 # --- lookup by name ------------------------------------------------------------------------

@@ -214,11 +214,7 @@ def build_domain(
         meta.append(O("stage-dir", config.stage_dir))
     if config.uses_cloud_init:
         meta.append(O("cloud-init", "nocloud"))
-    for forward in forwards:
-        element = O.forward(str(forward))
-        if forward.auto:
-            element.set("port", "auto")
-        meta.append(element)
+    meta.extend(_forward_element(f) for f in forwards)
     user = ssh_user(config)
     if user:
         meta.append(O("ssh-user", user))
@@ -265,6 +261,13 @@ def build_domain(
     if qemu_args:
         root.append(Q.commandline(*(Q.arg(value=a) for a in qemu_args)))
     return root
+
+
+def _forward_element(forward: Forward) -> etree._Element:
+    element: etree._Element = O.forward(str(forward))
+    if forward.auto:
+        element.set("port", "auto")  # ozone chose it, and may move it
+    return element
 
 
 def _user_nic_args(config: VMConfig, forwards: Sequence[Forward]) -> list[str]:
@@ -455,10 +458,7 @@ def with_forwards(xml: str, forwards: Sequence[Forward]) -> str:
         for element in old:
             vm.remove(element)
         for i, forward in enumerate(forwards):
-            element = O.forward(str(forward))
-            if forward.auto:
-                element.set("port", "auto")
-            vm.insert(at + i, element)
+            vm.insert(at + i, _forward_element(forward))
     return etree.tostring(root, encoding="unicode")
 
 

@@ -76,6 +76,7 @@ def vm_public_key(name: str, *, create: bool) -> str | None:
 def forget(name: str) -> None:
     """Remove the VM's key pair and known hosts (at undefine)."""
     shutil.rmtree(key_dir(name), ignore_errors=True)
+    (state_dir() / "ssh" / f"{name}.known_hosts").unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,13 @@ class Target:
     host: str
     port: int
     jump: str | None  # ssh's -J: the remote libvirt host the forwarded port is on
-    argv: list[str]  # the whole ssh command line
+    options: list[str]  # ssh and its options, up to the host
+    command: list[str]  # what to run there (none: a login shell)
+
+    @property
+    def argv(self) -> list[str]:
+        """The whole ssh command line."""
+        return [*self.options, self.host, *(["--", *self.command] if self.command else [])]
 
 
 def target(
@@ -141,11 +148,8 @@ def target(
         "-o", f"HostKeyAlias=ozone-{dom.UUIDString()}",
         "-o", "CheckHostIP=no",
         *options,
-        host,
     ]  # fmt: skip
-    if command:
-        argv += ["--", *command]
-    return Target(name=name, user=login, host=host, port=port, jump=jump, argv=argv)
+    return Target(name, login, host, port, jump, argv, list(command))
 
 
 def _on_user_networking(xml: str) -> bool:
@@ -211,8 +215,7 @@ def diagnose(t: Target) -> OzoneError | None:
             hint="the guest needs openssh-server (add it to image.packages), running; "
             f"a VM that just started may still be booting: `ozone wait {t.name}`",
         )
-    probe = [*t.argv[: t.argv.index(t.host)], "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
-    probe += [t.host, "true"]
+    probe = [*t.options, "-o", "BatchMode=yes", "-o", "ConnectTimeout=10", t.host, "true"]
     try:
         done = subprocess.run(probe, capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.SubprocessError):
@@ -225,7 +228,7 @@ def diagnose(t: Target) -> OzoneError | None:
             f"~{t.user}/.ssh/authorized_keys in the guest; `ozone ssh -l USER` for another user",
         )
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in done.stderr:
-        known = next(a for a in t.argv if a.startswith("UserKnownHostsFile="))
+        known = next(a for a in t.options if a.startswith("UserKnownHostsFile="))
         return OzoneError(
             f"{t.name}'s host key is not the one ssh saw there before",
             hint=f"if the VM was made again, remove {known.split('=', 1)[1]}",

@@ -107,12 +107,13 @@ def qmp_folder(*, session: bool) -> Path:
 def install_virtiofsd_ro() -> Path | None:
     """Install ozone's read-only virtiofsd wrapper (``data/virtiofsd-ro``) where libvirt,
     which runs it as root, may: ``/var/lib/ozone/libexec``, root's all the way, 0755. Its
-    path, or None when this process is not root (no read-only shares from the host then)."""
-    if os.geteuid() != 0:
-        return None
+    path, or None when there is none: this process is not root and root never installed it
+    (read-only shares are then only mounted read-only by the guest)."""
     from importlib.resources import files
 
     text = (files(__package__) / "data" / "virtiofsd-ro").read_bytes()
+    if os.geteuid() != 0:
+        return VIRTIOFSD_RO if _installed(text) else None
     folder = VIRTIOFSD_RO.parent
     for path in (SYSTEM_STATE, folder):
         with contextlib.suppress(FileExistsError):
@@ -125,11 +126,8 @@ def install_virtiofsd_ro() -> Path | None:
                 "(ozone makes it anew), or share no folder read-only",
             )
     target = VIRTIOFSD_RO
-    with contextlib.suppress(OSError):
-        info = target.lstat()
-        ours = stat.S_ISREG(info.st_mode) and info.st_uid == 0
-        if ours and stat.S_IMODE(info.st_mode) == 0o755 and target.read_bytes() == text:
-            return target
+    if _installed(text):
+        return target
     temp = folder / f".virtiofsd-ro.{secrets.token_hex(4)}"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o755)
     try:
@@ -141,6 +139,20 @@ def install_virtiofsd_ro() -> Path | None:
         temp.unlink(missing_ok=True)
         raise
     return target
+
+
+def _installed(text: bytes) -> bool:
+    """The wrapper is in place: ``text``, root's, 0755, in folders only root can change."""
+    try:
+        for folder in (SYSTEM_STATE, VIRTIOFSD_RO.parent):
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != 0 or info.st_mode & 0o022:
+                return False
+        info = VIRTIOFSD_RO.lstat()
+        ours = stat.S_ISREG(info.st_mode) and info.st_uid == 0
+        return ours and stat.S_IMODE(info.st_mode) == 0o755 and VIRTIOFSD_RO.read_bytes() == text
+    except OSError:
+        return False
 
 
 def ensure_qmp_folder(folder: Path, owner: tuple[int, int] | None) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -343,7 +344,6 @@ def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
         (f"disks[{i}].backing", d.backing) for i, d in enumerate(config.disks)
     ]
     inputs += [(f"disks[{i}].path", d.path) for i, d in enumerate(config.disks) if d.readonly]
-    inputs += [(f"shares[{i}].host", s.host) for i, s in enumerate(config.shares)]
     for where, path in inputs:
         if path is None:
             continue
@@ -354,15 +354,12 @@ def _readable_inputs(config: VMConfig, facts: dx.HostFacts) -> dict[Path, str]:
         for image in chain:
             reason = unreadable_by(image, owner) if owner is not None else None
             if reason:
-                hint = (
-                    f"ozone changes no owner of a host folder: chmod o+rx {image}, or share a "
-                    "folder QEMU's user can read"
-                    if where.startswith("shares")
-                    else "ozone never changes the owner of a shared read-only image: make it "
-                    f"readable (chmod o+r {image}) or move it to /var/lib/libvirt/images"
-                )
                 raise ConfigError(
-                    f"QEMU cannot read {image}: {reason}", file=file, field=where, hint=hint
+                    f"QEMU cannot read {image}: {reason}",
+                    file=file,
+                    field=where,
+                    hint="ozone never changes the owner of a shared read-only image: make it "
+                    f"readable (chmod o+r {image}) or move it to /var/lib/libvirt/images",
                 )
     return formats
 
@@ -425,6 +422,17 @@ def _define(
         formats = _readable_inputs(config, facts)
         facts = with_share_guard(config, facts)
     notes = []
+    if any(s.readonly for s in config.shares) and facts.virtiofsd_ro is None:
+        notes.append(
+            "a read-only share is only mounted read-only by the guest, whose root can remount "
+            "it: `ozone define` the VM as root once, which installs ozone's read-only virtiofsd"
+        )
+    if any(not s.readonly for s in config.shares):
+        notes.append(
+            "the guest's root has root's power over a read-write share's files (virtiofsd runs "
+            "as root and keeps the guest's owners and modes, setuid bits included): share only "
+            "folders you would hand to the guest's root"
+        )
     if config.qmp.kind == "auto" and not (local and _qmp_folder_ready(facts)):
         facts = dataclasses.replace(facts, qmp_dir=None)
         notes.append(
@@ -629,9 +637,10 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
             if taken and local and attempt < 2 and _ports_are_auto(dom):
                 continue
             if "host forwarding rule" in message:
+                rule = re.search(r"forwarding rule '([^']{1,100})'", message)
                 raise ConflictError(
-                    f"QEMU could not listen on a host port {name} forwards: "
-                    + message.rsplit(":", 1)[-1].strip()[:200],
+                    f"QEMU could not listen on a host port {name} forwards"
+                    + (f" ({rule.group(1)})" if rule else ""),
                     hint="another program took it: stop it (`ss -ltnup` shows it), or change "
                     "the VM's ports and `ozone define` it again",
                 ) from None
@@ -842,11 +851,13 @@ def undefine(
             | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
             | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
         )
+        ours = metadata(dom) is not None
         call(dom.undefineFlags, flags, name=name)
         removed, failed = remove_files(images)
-    from .ssh import forget
+    if ours and is_local(conn):  # keys are per name: a remote VM's may be a local one's
+        from .ssh import forget
 
-    forget(name)
+        forget(name)
     if failed:
         raise OzoneError(
             f"undefined {name}, but could not delete "

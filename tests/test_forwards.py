@@ -101,6 +101,13 @@ def test_ports_need_user_networking():
         ([{"host": "/a", "guest": "/x"}, {"host": "/b", "guest": "/x/"}], "already shares[0]"),
         ([{"host": "/a", "guest": "/x", "readonly": "yes"}], "shares[0].readonly"),
         ([{"host": "/a", "guest": "/x", "mode": "ro"}], "shares[0].mode"),
+        ([{"host": "/a", "guest": "/srv/../etc"}], "no '..' in a share's guest folder"),
+        ([{"host": "/a", "guest": "/etc"}], "/etc is a system folder"),
+        ([{"host": "/a", "guest": "/usr/local/"}], "/usr/local is a system folder"),
+        ([{"host": "/a", "guest": "/proc/x"}], "/proc/x is a system folder"),
+        ([{"host": "/a", "guest": "/x" * 200}], "at most 255 characters"),
+        ([{"host": "/a,b", "guest": "/x"}], "contains a comma"),
+        ([{"host": "~ozt-no-such-user/x", "guest": "/x"}], "names a user this host does not have"),
     ],
 )
 def test_bad_shares(shares, expected):
@@ -116,8 +123,19 @@ def test_a_missing_share_folder_is_named(tmp_path):
         (tmp_path / "file", "is not a folder"),
     ]:
         with pytest.raises(ConfigError, match=expected) as caught:
-            check_shares(config(shares=[{"host": str(host), "guest": "/srv"}]))
+            check_shares(config(shares=[{"host": str(host), "guest": "/srv/site"}]))
         assert "shares[0].host" in str(caught.value)
+
+
+def test_the_read_only_wrapper_refuses_arguments_it_cannot_read_safely():
+    wrapper = Path(cloudinit.__file__).parent / "data" / "virtiofsd-ro"
+    for args, expected in [
+        (["--fd=3", "-o", "source=/a,,b"], "a comma in a shared folder's path"),
+        (["--fd=3", "-o", "source=/a,source=/b"], "more than one source"),
+        (["--fd=3"], "no '-o source=FOLDER'"),
+    ]:
+        proc = subprocess.run(["sh", str(wrapper), *args], capture_output=True, text=True)
+        assert proc.returncode == 1 and expected in proc.stderr, proc.stderr
 
 
 # --- domain XML and metadata ------------------------------------------------------------------
