@@ -61,13 +61,17 @@ def parse(raw: dict[str, Any]) -> list[Interface]:
     return found
 
 
-def guest_addresses(conn: libvirt.virConnect, name: str) -> Addresses:
-    """The VM's addresses, from the first source that knows any."""
+def guest_addresses(
+    conn: libvirt.virConnect, name: str, *, order: tuple[str, ...] = ("agent", "lease", "arp")
+) -> Addresses:
+    """The VM's addresses, from the first source (in ``order``) that knows any."""
     dom = lookup(conn, name)
     if not is_active(dom):
         raise StateError(f"{name} is not running", hint=f"`ozone start {name}`")
     reasons = []
-    for source, flag in SOURCES:
+    for source, flag in sorted(
+        (s for s in SOURCES if s[0] in order), key=lambda s: order.index(s[0])
+    ):
         try:
             raw = dom.interfaceAddresses(flag, 0)
         except libvirt.libvirtError as err:

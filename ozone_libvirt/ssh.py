@@ -179,7 +179,8 @@ def _jump_host(conn: libvirt.virConnect) -> str:
 def _guest_address(conn: libvirt.virConnect, name: str) -> str:
     from .addresses import guest_addresses
 
-    found = guest_addresses(conn, name)
+    # the host's view first: a guest (its agent) must not choose where ssh connects
+    found = guest_addresses(conn, name, order=("lease", "arp", "agent"))
     for interface in found.interfaces:
         for entry in interface.addresses:
             address = entry.split("/", 1)[0]
