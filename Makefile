@@ -29,7 +29,7 @@ guest: setup
 demo: guest
 	@scripts/demo
 
-PY_SOURCES := ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run scripts/chaos
+PY_SOURCES := ozone_libvirt tests scripts/*.py scripts/bench-exec scripts/bench-run scripts/bench-share scripts/chaos
 
 test: setup-test
 	@scripts/build-guest-iso
