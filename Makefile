@@ -40,7 +40,7 @@ test: setup-test
 	@$(VENV)/bin/ruff check $(PY_SOURCES)
 	@$(VENV)/bin/ruff format --check $(PY_SOURCES)
 	@$(PY) -m mypy
-	@$(PY) -m pytest -ra $(PYTEST_ARGS)
+	@$(PY) -m pytest -ra --durations=25 $(PYTEST_ARGS)
 
 # quick tests only: no guest boots
 unit: setup

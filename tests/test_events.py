@@ -53,6 +53,8 @@ class Stream:
             stderr=subprocess.PIPE,
             text=True,
             env=ozone_env(),
+            # Ctrl-C as on a terminal: a background job (CI's, say) inherits SIGINT ignored
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         self.lines: queue.Queue[dict[str, Any]] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
