@@ -495,12 +495,16 @@ def events(
         if not as_json and sys.stderr.isatty():
             output.info("listening for events (Ctrl-C ends)")
 
+    import signal
+
+    # Ctrl-C ends it even where the shell started it with SIGINT ignored (as exec does)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     ev.prepare()  # before the connection opens
     with connection() as conn:
         try:
             ev.follow(conn, show, name=name, timeout=timeout, ready=ready)
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as err:  # Ctrl-C: 130; SIGTERM: 143
+            raise typer.Exit(interrupted_exit_code(err)) from None
 
 
 @app.command()

@@ -271,7 +271,7 @@ def test_ssh_ports_differ_and_move_away_from_another_program(vms):
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", taken))
         squatter.listen()
-        proc = run_ozone("start", first)
+        proc = run_ozone("start", first, "--wait")
         assert proc.returncode == 0, proc.stderr
         moved = ssh_port(first)
         assert moved not in (taken, ssh_port(second))
