@@ -888,13 +888,13 @@ def _check_deletable(conn: libvirt.virConnect, name: str, images: list[Path]) ->
 
 def status(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
     dom = lookup(conn, name)
-    data = info(dom).to_dict()
     xml = call(dom.XMLDesc, 0, name=name)
+    meta = dx.parse_metadata(xml)  # the XML holds it: no second call for the metadata
+    data = info(dom, meta, with_meta=meta is not None).to_dict()
     data["serial_log"] = dx.serial_log_of(xml)
     data["disks"] = dx.disk_images_of(xml)
     data["agent_channel"] = dx.has_agent_channel(xml)
     data["autostart"] = bool(call(dom.autostart, name=name))
-    meta = dx.parse_metadata(xml)
     forward = meta.ssh_forward if meta else None
     data["ssh"] = f"{forward.host}:{forward.port}" if forward else None
     data["ports"] = [str(f) for f in meta.forwards if not f.auto] if meta else []
