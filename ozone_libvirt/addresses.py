@@ -12,8 +12,8 @@ from typing import Any
 
 import libvirt
 
-from .connection import lookup, translate
-from .errors import OzoneError, StateError
+from .connection import call, lookup
+from .errors import ConnectionFailed, OzoneError, StateError
 from .inventory import is_active
 
 SOURCES = (
@@ -73,11 +73,13 @@ def guest_addresses(
         (s for s in SOURCES if s[0] in order), key=lambda s: order.index(s[0])
     ):
         try:
-            raw = dom.interfaceAddresses(flag, 0)
-        except libvirt.libvirtError as err:
+            raw = call(dom.interfaceAddresses, flag, 0, name=name)
+        except ConnectionFailed:
+            raise
+        except OzoneError as err:
             if not is_active(dom):
-                raise translate(err, name=name) from None
-            reasons.append(f"{source}: {err.get_error_message()}")
+                raise
+            reasons.append(f"{source}: {err.message}")  # this source knows none: the next
             continue
         interfaces = parse(raw or {})
         if interfaces:

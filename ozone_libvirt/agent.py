@@ -9,7 +9,6 @@ programs and file copies out of these calls.
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import time
 from dataclasses import dataclass
@@ -18,8 +17,22 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from .connection import translate_agent_error
-from .errors import AgentCommandFailed, OzoneError, RequestTooLarge, StateError, TimeoutExpired
+from .connection import (
+    call,
+    close_quietly,
+    find_domain_by_uuid,
+    libvirt_errors,
+    open_connection,
+    translate_agent_error,
+)
+from .errors import (
+    AgentCommandFailed,
+    ConnectionFailed,
+    OzoneError,
+    RequestTooLarge,
+    StateError,
+    TimeoutExpired,
+)
 
 DEFAULT_TIMEOUT = 10  # seconds for one agent command (libvirt waits this long for the reply)
 # Sizes that the agent and libvirt accept in one call (measured, see ENVIRONMENT.md):
@@ -64,10 +77,8 @@ class Agent:
                 f"{command} request of {len(text)} bytes is more than the guest agent takes "
                 f"({REQUEST_MAX})"
             )
-        try:
+        with libvirt_errors(explain=lambda err: translate_agent_error(err, self.dom, command)):
             reply = libvirt_qemu.qemuAgentCommand(self.dom, text, timeout or DEFAULT_TIMEOUT, 0)
-        except libvirt.libvirtError as err:
-            raise translate_agent_error(err, self.dom, command) from None
         return json.loads(reply).get("return")
 
     def reconnect(self, *, timeout: float) -> Agent | None:
@@ -78,38 +89,35 @@ class Agent:
         give_up = time.monotonic() + timeout
         while True:
             try:
-                conn = libvirt.open(uri)
-            except libvirt.libvirtError:
+                conn = open_connection(uri)
+                try:
+                    dom = find_domain_by_uuid(conn, uuid, name=self.name)
+                    active = dom is not None and bool(call(dom.isActive, name=self.name))
+                except OzoneError:
+                    close_quietly(conn)
+                    raise
+            except OzoneError:  # libvirt does not answer yet (or not yet for this)
                 if time.monotonic() >= give_up:
                     return None
                 time.sleep(0.25)
                 continue
-            try:
-                dom = conn.lookupByUUIDString(uuid)
-                active = bool(dom.isActive())
-            except libvirt.libvirtError as err:
-                conn.close()
-                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    raise StateError(f"{self.name} is gone") from None
-                if time.monotonic() >= give_up:  # libvirt answers, but not yet for this
-                    return None
-                time.sleep(0.25)
-                continue
             if not active:
-                conn.close()
-                raise StateError(f"{self.name} is not running")
+                close_quietly(conn)
+                gone = "is gone" if dom is None else "is not running"
+                raise StateError(f"{self.name} {gone}")
             agent = Agent(dom, owns_connection=True)
             agent.short_run = self.short_run
             return agent
 
     def close_connection(self) -> None:
         if self._owns_connection:
-            with contextlib.suppress(libvirt.libvirtError):
-                self.dom.connect().close()
+            close_quietly(self.dom.connect())
 
     def answers(self, *, timeout: int = 2) -> bool:
         try:
             self.call("guest-ping", timeout=timeout)
+        except ConnectionFailed:
+            raise  # libvirt went away: that says nothing about the agent
         except OzoneError:
             return False
         return True

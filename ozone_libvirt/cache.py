@@ -21,7 +21,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import libvirt
 
-from .connection import translate
+from .connection import find_domain
 
 if TYPE_CHECKING:
     from .config import VMConfig
@@ -132,13 +132,13 @@ def acquire_slot(conn: libvirt.virConnect, config: VMConfig, parts: dict[str, An
                 handle.close()
                 continue
             try:  # a VM kept with --keep still holds the slot's name
-                conn.lookupByName(slot.domain_name)
+                kept = find_domain(conn, slot.domain_name)
+            except BaseException:
+                handle.close()
+                raise
+            if kept is not None:
                 handle.close()
                 continue
-            except libvirt.libvirtError as err:
-                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    handle.close()
-                    raise translate(err, name=slot.domain_name) from None
             slot.lock = handle
             return slot
     return None
@@ -255,13 +255,8 @@ def _slot_vm_running(conn: libvirt.virConnect, entry: Path) -> bool:
             name = str(json.loads(meta.read_text())["name"])
         except (OSError, ValueError, KeyError):
             continue
-        try:
-            conn.lookupByName(name)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                continue
-            raise translate(err, name=name) from None
-        return True
+        if find_domain(conn, name) is not None:
+            return True
     return False
 
 

@@ -132,9 +132,9 @@ def translate_agent_error(
     try:
         active = bool(dom.isActive())
     except libvirt.libvirtError as state_err:
-        if _connection_broke(state_err):
-            return lost_connection(None)
-        active = False
+        if state_err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            return translate(state_err, name=name)
+        active = False  # a transient domain that stopped is gone
     if not active:
         return StateError(f"{name} is not running", hint=f"`ozone start {name} --wait`")
     if code == libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED and "agent" in message.lower():
@@ -150,16 +150,95 @@ def translate_agent_error(
     return translate(err, name=name)
 
 
+@contextlib.contextmanager
+def libvirt_errors(
+    *,
+    name: str | None = None,
+    uri: str | None = None,
+    explain: Callable[[libvirt.libvirtError], OzoneError | None] | None = None,
+) -> Iterator[None]:
+    """Translate a libvirt error raised inside into ozone's hierarchy. ``explain`` may say
+    better what one call's error means (None: :func:`translate` it); it never sees a broken
+    connection, which is always :class:`ConnectionLost`."""
+    try:
+        yield
+    except libvirt.libvirtError as err:
+        better = None if explain is None or _connection_broke(err) else explain(err)
+        raise (better or translate(err, name=name, uri=uri)) from None
+
+
+@contextlib.contextmanager
+def best_effort() -> Iterator[None]:
+    """Ignore any libvirt error: only for cleanup that may find its object gone already
+    (a destroy after a failure, closing a connection), never for a question's answer."""
+    with contextlib.suppress(libvirt.libvirtError):
+        yield
+
+
 def call(fn: Callable[..., T], *args: Any, name: str | None = None, **kwargs: Any) -> T:
     """Run one libvirt call, translating its error."""
-    try:
+    with libvirt_errors(name=name):
         return fn(*args, **kwargs)
+
+
+def if_exists(
+    fn: Callable[..., T],
+    *args: Any,
+    missing: int = libvirt.VIR_ERR_NO_DOMAIN,
+    name: str | None = None,
+) -> T | None:
+    """Run one libvirt call for which "no such object" is an answer: None when it fails
+    with exactly the ``missing`` error code; any other error (a dropped connection, a
+    refused permission) is translated and raised, never taken for "not there"."""
+    try:
+        return fn(*args)
     except libvirt.libvirtError as err:
+        if err.get_error_code() == missing and not _connection_broke(err):
+            return None
         raise translate(err, name=name) from None
+
+
+def refused_with(fn: Callable[..., Any], *args: Any, code: int, name: str | None = None) -> bool:
+    """Run one libvirt call that may be refused with the error ``code`` (which the caller
+    answers, e.g. by asking again with a flag): True if it was; other errors translated."""
+    try:
+        fn(*args)
+    except libvirt.libvirtError as err:
+        if err.get_error_code() == code and not _connection_broke(err):
+            return True
+        raise translate(err, name=name) from None
+    return False
 
 
 def lookup(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
     return call(conn.lookupByName, name, name=name)
+
+
+def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    """The domain named ``name``, or None if libvirt has none."""
+    return if_exists(conn.lookupByName, name, name=name)
+
+
+def find_domain_by_uuid(
+    conn: libvirt.virConnect, uuid: str, *, name: str | None = None
+) -> libvirt.virDomain | None:
+    return if_exists(conn.lookupByUUIDString, uuid, name=name)
+
+
+def find_network(conn: libvirt.virConnect, name: str) -> libvirt.virNetwork | None:
+    return if_exists(conn.networkLookupByName, name, missing=libvirt.VIR_ERR_NO_NETWORK)
+
+
+def find_pool(conn: libvirt.virConnect, name: str) -> libvirt.virStoragePool | None:
+    return if_exists(conn.storagePoolLookupByName, name, missing=libvirt.VIR_ERR_NO_STORAGE_POOL)
+
+
+def find_volume(conn: libvirt.virConnect, path: str) -> libvirt.virStorageVol | None:
+    return if_exists(conn.storageVolLookupByPath, path, missing=libvirt.VIR_ERR_NO_STORAGE_VOL)
+
+
+def find_snapshot(dom: libvirt.virDomain, snap: str) -> libvirt.virDomainSnapshot | None:
+    return if_exists(dom.snapshotLookupByName, snap, 0, missing=libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT)
 
 
 def default_uri(uri: str | None = None) -> str | None:
@@ -210,8 +289,13 @@ def connect(uri: str | None = None) -> Iterator[libvirt.virConnect]:
     try:
         yield conn
     finally:
-        with contextlib.suppress(libvirt.libvirtError):
-            conn.close()
+        close_quietly(conn)
+
+
+def close_quietly(conn: libvirt.virConnect) -> None:
+    """Close a connection that may have broken already."""
+    with best_effort():
+        conn.close()
 
 
 def is_local(conn: libvirt.virConnect) -> bool:

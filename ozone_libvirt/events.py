@@ -8,7 +8,6 @@ event and detail codes to names is pure (:func:`lifecycle_event`).
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,7 +15,7 @@ from typing import Any
 
 import libvirt
 
-from .connection import call, lookup, lost_connection
+from .connection import best_effort, call, lookup, lost_connection
 
 # libvirt's lifecycle events, and the reason (detail) names of each, in libvirt's order
 # (virDomainEventType and the virDomainEvent*DetailType enums)
@@ -123,8 +122,7 @@ def follow(
     finally:
         libvirt.virEventRemoveTimeout(timer)
         for callback_id in ids:
-            # on a closed connection they are gone already
-            with contextlib.suppress(libvirt.libvirtError):
+            with best_effort():  # on a closed connection they are gone already
                 conn.domainEventDeregisterAny(callback_id)
     if closed:
         raise lost_connection(None)

@@ -51,6 +51,7 @@ from typing import IO, Any
 import libvirt
 
 from .agent import READ_CHUNK, Agent
+from .connection import if_exists
 from .errors import (
     AgentCommandFailed,
     ConnectionLost,
@@ -712,17 +713,17 @@ class _Run:
         if isinstance(err, UsageError | ExecFailed | AgentCommandFailed):
             return False
         give_up = time.monotonic() + 3.0
-        while True:
-            try:
-                state = self.agent.dom.state()[0]
-            except libvirt.libvirtError as state_err:
-                # gone (a transient domain that stopped), or libvirt itself went away
-                return bool(state_err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
-            if state in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED):
-                return True
-            if self.agent.answers(timeout=1) or time.monotonic() >= give_up:
-                return False
-            time.sleep(0.1)
+        stopped = (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_CRASHED)
+        try:
+            while True:
+                state = if_exists(self.agent.dom.state, name=self.agent.name)
+                if state is None or state[0] in stopped:
+                    return True  # (None: a transient domain that stopped is gone)
+                if self.agent.answers(timeout=1) or time.monotonic() >= give_up:
+                    return False
+                time.sleep(0.1)
+        except OzoneError:
+            return False  # libvirt itself went away: the VM is not known to have stopped
 
     def _after_lost_connection(self) -> ExecFailed:
         """libvirt went away under us (a libvirtd restart, say) while the VM may run on:

@@ -27,10 +27,11 @@ import libvirt
 
 from .agent import Agent
 from .cache import prune_cache
-from .connection import domain_metadata, open_connection, translate
+from .connection import domain_metadata, find_domain, find_domain_by_uuid, open_connection
 from .errors import OzoneError
 from .execute import STAGE_FOLDER
 from .imagestore import store_debris
+from .inventory import is_active
 from .rundir import reap_runs
 from .state import qmp_folder, stale_leases
 from .transfer import GUEST_PART, HOST_PART
@@ -124,14 +125,11 @@ def _in_guest(conn: libvirt.virConnect, data: dict[str, Any], script: str, *, dr
         return err.message
     try:
         target = other or conn
-        try:
-            dom = target.lookupByUUIDString(str(data.get("uuid")))
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                return "gone"
-            raise translate(err) from None
+        dom = find_domain_by_uuid(target, str(data.get("uuid")))
+        if dom is None:
+            return "gone"
         agent = Agent(dom)
-        if not dom.isActive() or not agent.answers(timeout=2):
+        if not is_active(dom) or not agent.answers(timeout=2):
             return "the VM is not running: it stays until it runs"
         if dry_run:
             return "removed"
@@ -154,14 +152,8 @@ def _qmp_sockets(conn: libvirt.virConnect, result: GcResult) -> None:
         with contextlib.suppress(OSError):
             if not stat.S_ISSOCK(sock.lstat().st_mode):
                 continue
-            try:
-                dom = conn.lookupByName(sock.name.removesuffix(".sock"))
-            except libvirt.libvirtError as err:
-                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    raise translate(err) from None
-                meta = None
-            else:
-                meta = domain_metadata(dom)
+            dom = find_domain(conn, sock.name.removesuffix(".sock"))
+            meta = domain_metadata(dom) if dom is not None else None
             if meta is not None and meta.qmp == f"unix:{sock}":
                 continue
             result.removed.append(str(sock))

@@ -29,7 +29,7 @@ from lxml.builder import E
 
 from . import cloudinit
 from .config import Disk, VMConfig
-from .connection import call, is_local, translate
+from .connection import call, find_pool, is_local, libvirt_errors
 from .errors import ConfigError, ConflictError, NotFoundError, OzoneError, UsageError
 from .images import (
     BUILDER,
@@ -57,11 +57,8 @@ def ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePool
 
 def _ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePool:
     name = pool_name(store)
-    try:
-        pool = conn.storagePoolLookupByName(name)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
-            raise translate(err) from None
+    pool = find_pool(conn, name)
+    if pool is None:
         store.mkdir(parents=True, exist_ok=True, mode=0o755)
         xml = E.pool(
             E.name(name),
@@ -69,8 +66,7 @@ def _ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePoo
             type="dir",
         )
         pool = call(conn.storagePoolDefineXML, etree.tostring(xml, encoding="unicode"), 0)
-        with contextlib.suppress(libvirt.libvirtError):
-            pool.setAutostart(1)
+        call(pool.setAutostart, 1)
     target = etree.fromstring(call(pool.XMLDesc, 0).encode()).findtext("target/path")
     if target is None or Path(target) != store:
         raise ConflictError(
@@ -86,10 +82,9 @@ def _ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePoo
 
 
 def refresh(conn: libvirt.virConnect, store: Path) -> None:
-    with contextlib.suppress(libvirt.libvirtError):
-        pool = conn.storagePoolLookupByName(pool_name(store))
-        if pool.isActive():
-            pool.refresh(0)
+    pool = find_pool(conn, pool_name(store))
+    if pool is not None and call(pool.isActive):
+        call(pool.refresh, 0)
 
 
 def create_overlay(
@@ -167,15 +162,18 @@ def grow_overlay(
         size = overlay.size >> 20
         return f"the boot disk grows to {size} MiB when {config.name} is off and defined again"
     vol = call(conn.storageVolLookupByPath, str(overlay.path))
-    try:
-        vol.resize(overlay.size, 0)
-    except libvirt.libvirtError as err:
+    mib = overlay.size >> 20
+
+    def explain(err: libvirt.libvirtError) -> OzoneError:
         detail = (err.get_error_message() or "").rsplit(": ", 1)[-1]
-        raise OzoneError(
-            f"cannot grow {config.name}'s boot disk to {overlay.size >> 20} MiB: {detail}",
+        return OzoneError(
+            f"cannot grow {config.name}'s boot disk to {mib} MiB: {detail}",
             hint="nothing was changed; keep the old size",
-        ) from None
-    return f"grew the boot disk to {overlay.size >> 20} MiB (the file system grows at boot)"
+        )
+
+    with libvirt_errors(name=config.name, explain=explain):
+        vol.resize(overlay.size, 0)
+    return f"grew the boot disk to {mib} MiB (the file system grows at boot)"
 
 
 # --- making images -------------------------------------------------------------------------

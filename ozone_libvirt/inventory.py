@@ -12,7 +12,7 @@ from typing import Any
 
 import libvirt
 
-from .connection import call, domain_metadata, translate
+from .connection import call, domain_metadata, if_exists
 from .errors import NotFoundError
 from .metadata import OzoneMetadata
 
@@ -54,19 +54,13 @@ def state_name(dom: libvirt.virDomain, state: int | None = None) -> str:
 
 
 def _has_managed_save(dom: libvirt.virDomain) -> bool:
-    try:
-        return bool(dom.hasManagedSaveImage(0))
-    except libvirt.libvirtError:
-        return False
+    # a transient domain that went away has none
+    return bool(if_exists(dom.hasManagedSaveImage, 0, name=dom.name()))
 
 
 def is_active(dom: libvirt.virDomain) -> bool:
-    try:
-        return bool(dom.isActive())
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return False  # a transient domain that went away is not active
-        raise translate(err, name=dom.name()) from None
+    # a transient domain that went away is not active
+    return bool(if_exists(dom.isActive, name=dom.name()))
 
 
 def info(

@@ -10,7 +10,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from .connection import translate
+from .connection import call
 from .errors import QMPError, UsageError
 
 
@@ -47,10 +47,7 @@ def command_json(command: str, arguments: str | None) -> str:
 def monitor_command(dom: libvirt.virDomain, command: str, arguments: str | None = None) -> Any:
     """Send one QMP command through libvirt and return its ``return`` value."""
     request = command_json(command, arguments)
-    try:
-        reply_text = libvirt_qemu.qemuMonitorCommand(dom, request, 0)
-    except libvirt.libvirtError as err:
-        raise translate(err, name=dom.name()) from None
+    reply_text = call(libvirt_qemu.qemuMonitorCommand, dom, request, 0, name=dom.name())
     reply = json.loads(reply_text)
     if "error" in reply:
         problem = reply["error"]

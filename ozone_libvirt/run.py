@@ -46,8 +46,8 @@ from .cache import (
     prune_entry,
 )
 from .config import Disk, Qmp, VMConfig, check_host_paths
-from .connection import call, host_facts, is_local, translate
-from .errors import OzoneError
+from .connection import best_effort, call, host_facts, if_exists, is_local
+from .errors import OzoneError, StateError
 from .rundir import RunDir, reap_runs
 from .storage import create_disk, parse_label
 from .vm import is_active, wait_for_guest
@@ -184,7 +184,7 @@ def fill(
         call(dom.save, str(partial), name=slot.domain_name)  # the transient domain ends here
         partial.rename(slot.state)
     except BaseException:
-        with contextlib.suppress(libvirt.libvirtError):
+        with best_effort():  # the failure may have ended the domain already
             dom.destroy()
         raise
     meta = {
@@ -339,10 +339,10 @@ def _discard(dom: libvirt.virDomain | None, run_dir: RunDir) -> None:
     if dom is not None:
         name = dom.name()
         try:
-            dom.destroy()
-        except libvirt.libvirtError as err:
-            if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN and is_active(dom):
-                raise translate(err, name=name) from None
+            if_exists(dom.destroy, name=name)  # (a transient domain that ended is gone)
+        except StateError:
+            if is_active(dom):
+                raise
         if "-run-" in name:  # a one-off name: its logs would pile up
             for log in (f"{name}-serial.log", f"{name}.log"):
                 with contextlib.suppress(OSError):

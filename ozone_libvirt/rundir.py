@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from .cache import make_dir
-from .connection import translate
+from .connection import find_domain_by_uuid, if_exists
 
 if TYPE_CHECKING:
     from .config import VMConfig
@@ -124,11 +124,7 @@ def _reap(conn: libvirt.virConnect, path: Path, *, dry_run: bool) -> list[str]:
     removed = []
     for entry, dom in alive:
         if not dry_run:
-            try:
-                dom.destroy()
-            except libvirt.libvirtError as err:
-                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-                    raise translate(err, name=entry.get("name")) from None
+            if_exists(dom.destroy, name=entry.get("name"))  # (it may have ended meanwhile)
         removed.append(f"VM {entry['name']}")
     if not dry_run:
         shutil.rmtree(path)
@@ -141,14 +137,11 @@ def _run_domain(
     """The transient domain a run recorded, if it still exists and is the run's: same UUID
     and name, and marked with the run's folder (another run may have restored the same boot
     cache slot, under the same name and UUID, since)."""
-    try:
-        dom = conn.lookupByUUIDString(entry["uuid"])
-    except KeyError:
+    if "uuid" not in entry:
         return None
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise translate(err, name=entry.get("name")) from None
+    dom = find_domain_by_uuid(conn, entry["uuid"], name=entry.get("name"))
+    if dom is None:
+        return None
     if dom.name() != entry.get("name") or dom.isPersistent():
         return None  # not what the run made: never touch it
     from xml.etree import ElementTree

@@ -14,7 +14,7 @@ from typing import Any
 import libvirt
 from lxml import etree
 
-from .connection import call, lookup, translate
+from .connection import call, find_snapshot, libvirt_errors, lookup, refused_with
 from .errors import OzoneError, StateError, UsageError
 from .vm import is_active, state_name, sync_clock
 
@@ -47,15 +47,13 @@ def _describe(snap: libvirt.virDomainSnapshot) -> SnapshotInfo:
 
 
 def _snapshot(dom: libvirt.virDomain, snap: str) -> libvirt.virDomainSnapshot:
-    try:
-        return dom.snapshotLookupByName(snap, 0)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_SNAPSHOT:
-            raise OzoneError(
-                f"{dom.name()} has no snapshot {snap!r}",
-                hint=f"`ozone snapshot list {dom.name()}` shows its snapshots",
-            ) from None
-        raise translate(err, name=dom.name()) from None
+    found = find_snapshot(dom, snap)
+    if found is None:
+        raise OzoneError(
+            f"{dom.name()} has no snapshot {snap!r}",
+            hint=f"`ozone snapshot list {dom.name()}` shows its snapshots",
+        )
+    return found
 
 
 def create(
@@ -70,19 +68,21 @@ def create(
     if description:
         etree.SubElement(root, "description").text = description
     xml = etree.tostring(root, encoding="unicode")
-    try:
-        created = dom.snapshotCreateXML(xml, 0)
-    except libvirt.libvirtError as err:
+
+    def explain(err: libvirt.libvirtError) -> OzoneError | None:
         message = err.get_error_message() or str(err)
         if "already exists" in message:
-            raise OzoneError(f"{name} already has a snapshot {snap!r}") from None
+            return OzoneError(f"{name} already has a snapshot {snap!r}")
         unsupported = (libvirt.VIR_ERR_CONFIG_UNSUPPORTED, libvirt.VIR_ERR_OPERATION_UNSUPPORTED)
         if err.get_error_code() in unsupported or "qcow2" in message:
-            raise StateError(
+            return StateError(
                 f"cannot snapshot {name}: {message}",
                 hint="snapshots live inside qcow2 disks: give the VM a qcow2 disk in its config",
-            ) from None
-        raise translate(err, name=name) from None
+            )
+        return None
+
+    with libvirt_errors(name=name, explain=explain):
+        created = dom.snapshotCreateXML(xml, 0)
     return _describe(created)
 
 
@@ -98,11 +98,8 @@ def revert(conn: libvirt.virConnect, name: str, snap: str) -> dict[str, Any]:
     dom = lookup(conn, name)
     snapshot = _snapshot(dom, snap)
     flags = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING if is_active(dom) else 0
-    try:
-        dom.revertToSnapshot(snapshot, flags)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() != libvirt.VIR_ERR_SNAPSHOT_REVERT_RISKY:
-            raise translate(err, name=name) from None
+    risky = libvirt.VIR_ERR_SNAPSHOT_REVERT_RISKY
+    if refused_with(dom.revertToSnapshot, snapshot, flags, code=risky, name=name):
         call(
             dom.revertToSnapshot,
             snapshot,

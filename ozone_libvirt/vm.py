@@ -18,10 +18,21 @@ import libvirt
 
 from . import domain_xml as dx
 from .agent import Agent
-from .connection import call, domain_metadata, host_facts, is_local, lookup, translate
+from .connection import (
+    call,
+    domain_metadata,
+    find_domain,
+    find_network,
+    host_facts,
+    if_exists,
+    is_local,
+    libvirt_errors,
+    lookup,
+)
 from .errors import (
     ConfigError,
     ConflictError,
+    ConnectionFailed,
     NotFoundError,
     OzoneError,
     StateError,
@@ -77,15 +88,7 @@ class StopResult:
 # --- lookups ---------------------------------------------------------------------------
 
 
-def find(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
-    try:
-        return conn.lookupByName(name)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise translate(err, name=name) from None
-
-
+find = find_domain
 metadata = domain_metadata
 
 
@@ -149,12 +152,9 @@ def neighbours(
         name = dom.name()
         if name == except_name:
             continue
-        try:
-            xml = dom.XMLDesc(0)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                continue  # went away while we looked
-            raise translate(err, name=name) from None
+        xml = if_exists(dom.XMLDesc, 0, name=name)
+        if xml is None:
+            continue  # went away while we looked
         meta = dx.parse_metadata(xml)
         if meta and meta.qmp:
             qmp[meta.qmp] = name
@@ -291,18 +291,15 @@ def _check_network(conn: libvirt.virConnect, config: VMConfig) -> None:
     net = config.network
     if net.type != "network" or net.source is None:
         return
-    try:
-        conn.networkLookupByName(net.source)
-    except libvirt.libvirtError as err:
-        if err.get_error_code() != libvirt.VIR_ERR_NO_NETWORK:
-            raise translate(err) from None
-        names = sorted(call(conn.listNetworks) + call(conn.listDefinedNetworks))
-        raise ConfigError(
-            f"libvirt has no network named {net.source!r}",
-            file=str(config.source) if config.source else None,
-            field="network.source",
-            hint=("networks here: " + ", ".join(names)) if names else "`virsh net-list --all`",
-        ) from None
+    if find_network(conn, net.source) is not None:
+        return
+    names = sorted(call(conn.listNetworks) + call(conn.listDefinedNetworks))
+    raise ConfigError(
+        f"libvirt has no network named {net.source!r}",
+        file=str(config.source) if config.source else None,
+        field="network.source",
+        hint=("networks here: " + ", ".join(names)) if names else "`virsh net-list --all`",
+    )
 
 
 def _check_disks_unshared(config: VMConfig, around: Neighbours) -> None:
@@ -496,6 +493,13 @@ def _define(
     )
 
 
+_REFUSED_CONFIG = (
+    libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
+    libvirt.VIR_ERR_XML_ERROR,
+    libvirt.VIR_ERR_XML_DETAIL,
+)
+
+
 def _define_with_disks(
     conn: libvirt.virConnect,
     config: VMConfig,
@@ -523,19 +527,17 @@ def _define_with_disks(
                     )
                 create_disk(disk)
                 created.append(disk.path)
-        try:
+
+        def refused(err: libvirt.libvirtError) -> OzoneError | None:
+            if err.get_error_code() not in _REFUSED_CONFIG:
+                return None
+            return ConfigError(
+                f"libvirt refused the VM: {err.get_error_message()}",
+                file=str(config.source) if config.source else None,
+            )
+
+        with libvirt_errors(name=config.name, explain=refused):
             dom = conn.defineXML(xml)
-        except libvirt.libvirtError as err:
-            if err.get_error_code() in (
-                libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
-                libvirt.VIR_ERR_XML_ERROR,
-                libvirt.VIR_ERR_XML_DETAIL,
-            ):
-                raise ConfigError(
-                    f"libvirt refused the VM: {err.get_error_message()}",
-                    file=str(config.source) if config.source else None,
-                ) from None
-            raise translate(err, name=config.name) from None
     except BaseException:
         remove_files(created)
         raise
@@ -628,27 +630,37 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
             _prepare_qmp(conn, dom, restoring=restored)
             _prepare_forwards(conn, dom, restoring=restored)
         try:
-            dom.create()
+            with libvirt_errors(name=name, explain=_port_taken(name)):
+                dom.create()
             break
-        except libvirt.libvirtError as err:
+        except ConflictError:
             # the port was free a moment ago: another program took it in between
-            message = err.get_error_message() or ""
-            taken = "Address already in use" in message or "host forwarding rule" in message
-            if taken and local and attempt < 2 and _ports_are_auto(dom):
+            if local and attempt < 2 and _ports_are_auto(dom):
                 continue
-            if "host forwarding rule" in message:
-                rule = re.search(r"forwarding rule '([^']{1,100})'", message)
-                raise ConflictError(
-                    f"QEMU could not listen on a host port {name} forwards"
-                    + (f" ({rule.group(1)})" if rule else ""),
-                    hint="another program took it: stop it (`ss -ltnup` shows it), or change "
-                    "the VM's ports and `ozone define` it again",
-                ) from None
-            raise translate(err, name=name) from None
+            raise
     result = {"name": name, "state": state_name(dom), "action": "booted"}
     if restored:
         result.update(action="restored", **sync_clock(dom))
     return result
+
+
+def _port_taken(name: str) -> Callable[[libvirt.libvirtError], OzoneError | None]:
+    """Explains QEMU's failure to listen on a host port the VM forwards (one it listens on
+    for QMP is a :class:`ConflictError` of :func:`translate` already)."""
+
+    def explain(err: libvirt.libvirtError) -> OzoneError | None:
+        message = err.get_error_message() or ""
+        if "host forwarding rule" not in message:
+            return None
+        rule = re.search(r"forwarding rule '([^']{1,100})'", message)
+        return ConflictError(
+            f"QEMU could not listen on a host port {name} forwards"
+            + (f" ({rule.group(1)})" if rule else ""),
+            hint="another program took it: stop it (`ss -ltnup` shows it), or change "
+            "the VM's ports and `ozone define` it again",
+        )
+
+    return explain
 
 
 def _ports_are_auto(dom: libvirt.virDomain) -> bool:
@@ -791,7 +803,7 @@ def stop(
         requested = _request_shutdown(dom)
         if wait_for(lambda: not is_active(dom), timeout=timeout):
             return StopResult(name, requested, time.monotonic() - began, requested)
-    with contextlib.suppress(OzoneError):
+    with contextlib.suppress(StateError, NotFoundError):
         call(dom.destroy, name=name)  # it may have stopped by itself in the meantime
     if not wait_for(lambda: not is_active(dom), timeout=10):
         raise TimeoutExpired(f"{name} is still running after a forced stop")
@@ -799,17 +811,20 @@ def stop(
 
 
 def _request_shutdown(dom: libvirt.virDomain) -> str:
+    name = dom.name()
     if Agent(dom).answers(timeout=1):
         try:
-            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+            call(dom.shutdownFlags, libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT, name=name)
             return "agent"
-        except libvirt.libvirtError:
+        except ConnectionFailed:
+            raise
+        except OzoneError:
             pass  # e.g. the guest's shutdown command failed: try ACPI
     try:
-        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN)
-    except libvirt.libvirtError as err:
+        call(dom.shutdownFlags, libvirt.VIR_DOMAIN_SHUTDOWN_ACPI_POWER_BTN, name=name)
+    except (StateError, NotFoundError):
         if is_active(dom):
-            raise translate(err, name=dom.name()) from None
+            raise  # (else it stopped by itself in the meantime)
     return "acpi"
 
 
