@@ -549,7 +549,7 @@ def xml(
         loaded = load(config)
         cfg = resolve(loaded, vm_key=vm_public_key(loaded.name, create=False)).config
         facts = local_host_facts()
-        qmp = dx.planned_qmp(cfg, facts)
+        qmp = dx.choose_qmp(cfg, facts)
         forwards = dx.planned_forwards(cfg)
         text = dx.to_string(dx.build_domain(cfg, facts=facts, qmp_endpoint=qmp, forwards=forwards))
     if as_json:

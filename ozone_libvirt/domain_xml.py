@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from lxml import etree
 from lxml.builder import ElementMaker
 
-from .errors import ConfigError
+from .errors import ConfigError, ConflictError
 from .metadata import OZONE_NS, OZONE_PREFIX, Forward, OzoneMetadata, QmpEndpoint, parse_metadata
 
 if TYPE_CHECKING:
@@ -134,20 +134,64 @@ def serial_log_path(config: VMConfig, facts: HostFacts) -> Path:
     return config.serial_log or facts.log_dir / f"{config.name}-serial.log"
 
 
-def planned_qmp(config: VMConfig, facts: HostFacts) -> QmpEndpoint | None:
-    """The QMP endpoint a config gets before any clash with other VMs is looked at: what
-    `ozone xml` shows and where `define` starts from."""
+def choose_qmp(
+    config: VMConfig,
+    facts: HostFacts,
+    *,
+    used: Mapping[str, str] | None = None,
+    previous: QmpEndpoint | None = None,
+    port_free: Callable[[int], bool] | None = None,
+) -> QmpEndpoint | None:
+    """The one place a VM's QMP endpoint is chosen (by `define`, `ozone xml`, the goldens):
+    from its config, the host's ``facts``, the endpoints other VMs hold (``used``: endpoint
+    → VM name) and the VM's ``previous`` endpoint. An explicit endpoint must not clash;
+    ``tcp`` keeps the previous port ozone chose, or takes the first free one from the port
+    the VM's name prefers (``port_free`` says whether nobody listens on a loopback port;
+    None: do not look). With nothing else known it is what the config alone gives."""
+    used = used or {}
     qmp = config.qmp
     if qmp.kind == "off":
         return None
     if qmp.kind == "auto":
         if facts.qmp_dir is None:
-            return None
-        return QmpEndpoint("unix", path=str(facts.qmp_dir / f"{config.name}.sock"))
-    if qmp.kind == "unix":
-        return QmpEndpoint("unix", path=str(qmp.path))
-    port = qmp.port if qmp.port is not None else preferred_qmp_port(config.name)
-    return QmpEndpoint("tcp", host=qmp.host or "127.0.0.1", port=port, auto=qmp.port is None)
+            return None  # no private socket folder: QMP only through libvirt
+        planned = QmpEndpoint("unix", path=str(facts.qmp_dir / f"{config.name}.sock"))
+    elif qmp.kind == "unix":
+        planned = QmpEndpoint("unix", path=str(qmp.path))
+    elif qmp.port is not None:
+        planned = QmpEndpoint("tcp", host=qmp.host or "127.0.0.1", port=qmp.port)
+    elif previous and previous.auto and str(previous) not in used:
+        return previous
+    else:
+        return free_qmp_port(config.name, used, port_free=port_free)
+    owner = used.get(str(planned))
+    if owner:
+        raise ConfigError(
+            f"{planned} is already the QMP endpoint of VM {owner!r}",
+            file=str(config.source) if config.source else None,
+            field="qmp",
+            hint='every VM needs its own endpoint; "auto" gives each a private socket',
+        )
+    return planned
+
+
+def free_qmp_port(
+    name: str,
+    used: Mapping[str, str],
+    *,
+    port_free: Callable[[int], bool] | None = None,
+    avoid: int = 0,
+) -> QmpEndpoint:
+    """A loopback port for VM ``name``'s ``qmp: tcp``: the first from the one its name
+    prefers that is not ``avoid``, no other VM's (``used``), and ``port_free``."""
+    for attempt in range(QMP_PORT_COUNT):
+        port = preferred_qmp_port(name, attempt)
+        endpoint = QmpEndpoint("tcp", host="127.0.0.1", port=port, auto=True)
+        if port == avoid or str(endpoint) in used:
+            continue
+        if port_free is None or port_free(port):
+            return endpoint
+    raise ConflictError("no free loopback port left for QMP")  # pragma: no cover
 
 
 def _disk_targets(config: VMConfig) -> tuple[list[str], str]:

@@ -154,7 +154,8 @@ def _qmp_sockets(conn: libvirt.virConnect, result: GcResult) -> None:
                 continue
             dom = find_domain(conn, sock.name.removesuffix(".sock"))
             meta = domain_metadata(dom) if dom is not None else None
-            if meta is not None and meta.qmp == f"unix:{sock}":
+            endpoint = meta.qmp_endpoint if meta is not None else None
+            if endpoint is not None and endpoint.kind == "unix" and endpoint.path == str(sock):
                 continue
             result.removed.append(str(sock))
             if not result.dry_run:

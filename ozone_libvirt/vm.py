@@ -179,19 +179,6 @@ def neighbours(
     return Neighbours(qmp, files, inodes, ports)
 
 
-def _free_qmp_port(name: str, used: dict[str, str], *, local: bool, avoid: int = 0) -> QmpEndpoint:
-    """A loopback port for ``qmp: tcp``: no other VM's, and (on this host) nobody listens."""
-    for attempt in range(dx.QMP_PORT_COUNT):
-        port = dx.preferred_qmp_port(name, attempt)
-        endpoint = QmpEndpoint("tcp", host="127.0.0.1", port=port, auto=True)
-        if port == avoid or str(endpoint) in used:
-            continue
-        if local and not tcp_port_free("127.0.0.1", port):
-            continue
-        return endpoint
-    raise ConflictError("no free loopback port left for QMP")  # pragma: no cover
-
-
 def resolve_qmp(
     config: VMConfig,
     facts: dx.HostFacts,
@@ -200,25 +187,14 @@ def resolve_qmp(
     previous: QmpEndpoint | None,
     local: bool,
 ) -> QmpEndpoint | None:
-    """The concrete QMP endpoint for ``config``, given the endpoints other VMs ``used``.
-    Explicit ones must not clash; ``tcp`` keeps the VM's previous port or finds a free
-    loopback port. Runs under the host's "define" lock, so two defines never pick one port."""
-    planned = dx.planned_qmp(config, facts)
-    if planned is None:
-        return None
-    if not planned.auto:
-        owner = used.get(str(planned))
-        if owner:
-            raise ConfigError(
-                f"{planned} is already the QMP endpoint of VM {owner!r}",
-                file=str(config.source) if config.source else None,
-                field="qmp",
-                hint='every VM needs its own endpoint; "auto" gives each a private socket',
-            )
-        return planned
-    if previous and previous.auto and str(previous) not in used:
-        return previous
-    return _free_qmp_port(config.name, used, local=local)
+    """:func:`.domain_xml.choose_qmp`, looking (on this host) whether a port is free. Runs
+    under the host's "define" lock, so two defines never pick one port."""
+    port_free = _loopback_port_free if local else None
+    return dx.choose_qmp(config, facts, used=used, previous=previous, port_free=port_free)
+
+
+def _loopback_port_free(port: int) -> bool:
+    return tcp_port_free("127.0.0.1", port)
 
 
 def resolve_forwards(
@@ -577,7 +553,9 @@ def _move_qmp_port(conn: libvirt.virConnect, dom: libvirt.virDomain, old: QmpEnd
     """Another program took the port ozone chose: redefine the VM on a free one."""
     with host_lock("define"):
         used = neighbours(conn, except_name=dom.name(), local=True).qmp
-        endpoint = _free_qmp_port(dom.name(), used, local=True, avoid=old.port or 0)
+        endpoint = dx.free_qmp_port(
+            dom.name(), used, port_free=_loopback_port_free, avoid=old.port or 0
+        )
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE | libvirt.VIR_DOMAIN_XML_SECURE
         xml = dx.with_qmp_endpoint(call(dom.XMLDesc, flags, name=dom.name()), endpoint)
         call(conn.defineXML, xml, name=dom.name())
@@ -924,7 +902,7 @@ def status(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
         }
         for s in dx.shares_of(xml)
     ]
-    data["warnings"] = qmp_warnings(data["qmp"])
+    data["warnings"] = qmp_warnings(meta.qmp_endpoint if meta else None)
     if any(s["enforced_by"] == "guest mount" for s in data["shares"]):
         data["warnings"].append(
             "a read-only share is only mounted read-only by the guest, whose root can remount "
@@ -933,13 +911,12 @@ def status(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
     return data
 
 
-def qmp_warnings(endpoint: str | None) -> list[str]:
+def qmp_warnings(endpoint: QmpEndpoint | None) -> list[str]:
     """QMP has no authentication: say so when an endpoint is open to other users."""
-    parsed = QmpEndpoint.parse(endpoint) if endpoint else None
-    if parsed is None or parsed.kind != "tcp":
+    if endpoint is None or endpoint.kind != "tcp":
         return []
     return [
-        f"QMP on {parsed} has no authentication and every local user can reach it: "
+        f"QMP on {endpoint} has no authentication and every local user can reach it: "
         '"qmp": "auto" gives the VM a private socket instead'
     ]
 

@@ -8,7 +8,7 @@ import pytest
 from lxml import etree
 
 from ozone_libvirt import domain_xml as dx
-from ozone_libvirt.config import parse_config
+from ozone_libvirt.config import VMConfig, parse_config
 from ozone_libvirt.errors import ConfigError
 
 FACTS = dx.HostFacts(kvm=False, log_dir=Path("/logs"), qmp_dir=Path("/var/lib/ozone/qmp"))
@@ -112,16 +112,50 @@ def test_qmp_passthrough_and_metadata():
         ("tcp", f"tcp:127.0.0.1:{dx.preferred_qmp_port('w')}"),
     ],
 )
-def test_planned_qmp_endpoints(qmp, planned):
+def test_qmp_endpoints_from_the_config_alone(qmp, planned):
     cfg = parse_config({"name": "w", "cdrom": "x.iso", "qmp": qmp}, source=Path("/vms/w.json"))
-    endpoint = dx.planned_qmp(cfg, FACTS)
+    endpoint = dx.choose_qmp(cfg, FACTS)
     assert (str(endpoint) if endpoint else None) == planned
     assert (endpoint is not None and endpoint.auto) == (qmp == "tcp")
 
 
 def test_auto_qmp_without_a_private_folder_is_off():
     cfg = parse_config({"name": "w", "cdrom": "x.iso"}, source=Path("/vms/w.json"))
-    assert dx.planned_qmp(cfg, dx.HostFacts()) is None
+    assert dx.choose_qmp(cfg, dx.HostFacts()) is None
+
+
+def _qmp_config(qmp: object) -> VMConfig:
+    return parse_config({"name": "w", "cdrom": "x.iso", "qmp": qmp}, source=Path("/vms/w.json"))
+
+
+def test_an_explicit_qmp_endpoint_another_vm_holds_is_a_config_error():
+    with pytest.raises(ConfigError, match="QMP endpoint of VM 'other'"):
+        dx.choose_qmp(
+            _qmp_config("tcp:127.0.0.1:4444"), FACTS, used={"tcp:127.0.0.1:4444": "other"}
+        )
+    socket = f"unix:{FACTS.qmp_dir}/w.sock"
+    with pytest.raises(ConfigError, match="qmp"):
+        dx.choose_qmp(_qmp_config("auto"), FACTS, used={socket: "other"})
+
+
+def test_a_chosen_qmp_port_stays_unless_another_vm_took_it():
+    cfg = _qmp_config("tcp")
+    first = dx.choose_qmp(cfg, FACTS)
+    kept = dx.QmpEndpoint("tcp", host="127.0.0.1", port=24999, auto=True)
+    assert dx.choose_qmp(cfg, FACTS, previous=kept) == kept
+    moved = dx.choose_qmp(cfg, FACTS, previous=kept, used={str(kept): "other"})
+    assert moved == first
+    assert dx.choose_qmp(cfg, FACTS, used={str(first): "other"}) != first
+
+
+def test_a_qmp_port_someone_listens_on_is_skipped():
+    cfg = _qmp_config("tcp")
+    first = dx.choose_qmp(cfg, FACTS)
+    assert first is not None
+    taken = dx.choose_qmp(cfg, FACTS, port_free=lambda port: port != first.port)
+    assert taken is not None
+    assert taken.port == dx.preferred_qmp_port("w", 1)
+    assert taken.auto
 
 
 def test_moving_a_chosen_port_rewrites_argument_and_metadata():

@@ -34,7 +34,7 @@ def render(example: Path) -> str:
     root = dx.build_domain(
         cfg,
         facts=GOLDEN_FACTS,
-        qmp_endpoint=dx.planned_qmp(cfg, GOLDEN_FACTS),
+        qmp_endpoint=dx.choose_qmp(cfg, GOLDEN_FACTS),
         backing_formats=formats,
         forwards=dx.planned_forwards(cfg),
     )
