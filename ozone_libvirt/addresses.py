@@ -7,7 +7,7 @@ those addresses), else libvirt's DHCP leases (libvirt networks), else the host's
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import libvirt
@@ -35,9 +35,6 @@ class Addresses:
     name: str
     source: str  # agent | lease | arp
     interfaces: list[Interface]
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def parse(raw: dict[str, Any]) -> list[Interface]:

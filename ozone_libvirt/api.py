@@ -16,7 +16,7 @@ import io
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import libvirt
 
@@ -25,6 +25,7 @@ from .agent import Agent
 from .connection import domain_metadata, lookup, open_connection
 from .errors import ExecTimeout, ExitError
 from .execute import ExecResult
+from .results import StartResult
 
 
 def _sink(stream: IO[bytes] | None) -> execute.Sink:
@@ -77,7 +78,7 @@ class VM:
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def start(self, *, wait: float | None = None) -> dict[str, Any]:
+    def start(self, *, wait: float | None = None) -> StartResult:
         """Boot (or resume) the VM; with ``wait``, return once its guest agent answers."""
         result = vm.start(self.conn, self.name)
         if wait is not None:
@@ -90,7 +91,7 @@ class VM:
     def stop(self, *, timeout: float = 60, force: bool = False) -> vm.StopResult:
         return vm.stop(self.conn, self.name, timeout=timeout, force=force)
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> vm.VMStatus:
         return vm.status(self.conn, self.name)
 
     # --- programs and files --------------------------------------------------------------

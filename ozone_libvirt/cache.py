@@ -7,7 +7,6 @@ keeps them (and is all that `ozone cache list|clear` loads).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -144,7 +143,7 @@ def acquire_slot(conn: libvirt.virConnect, config: VMConfig, parts: dict[str, An
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class CacheEntryInfo:
     key: str
     config: str | None
@@ -152,10 +151,7 @@ class CacheEntryInfo:
     slots: int  # filled
     bytes: int
     age_s: float
-    files: list[str] = dataclasses.field(default_factory=list)  # what its key covers
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    files: tuple[str, ...] = ()  # what its key covers
 
 
 def list_cache() -> list[CacheEntryInfo]:
@@ -181,7 +177,7 @@ def list_cache() -> list[CacheEntryInfo]:
                 slots=slots,
                 bytes=size,
                 age_s=round(time.time() - info.get("created", time.time()), 1),
-                files=sorted(info.get("parts", {}).get("files", {})),
+                files=tuple(sorted(info.get("parts", {}).get("files", {}))),
             )
         )
     return entries

@@ -160,7 +160,7 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
     ):
         result = vm.define(conn, cfg, report=report, progress=advance)
     if as_json:
-        output.emit_json(result.__dict__)
+        output.emit_json(result)
         return
     verb = "Defined" if result.created else "Updated"
     output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
@@ -205,6 +205,8 @@ def start(
 ) -> None:
     """Start a VM (resuming saved state if there is some). Defines it first if a config of
     that name exists and no VM does."""
+    from dataclasses import replace
+
     from . import vm
 
     name = name or _ask_for_name()
@@ -229,19 +231,19 @@ def start(
         if wait:
             with output.activity(f"Waiting for {name}:", enabled=not as_json) as steps:
                 waited = _wait_or_show_console(conn, name, timeout, report=steps[0])
-                result["ready_seconds"] = round(waited, 3)
+                result = replace(result, ready_seconds=round(waited, 3))
     if as_json:
         output.emit_json(result)
         return
     action = {"booted": "Started", "restored": "Restored", "resumed": "Resumed"}
-    text = f"{action.get(result['action'], 'Already running:')} {name}"
-    if "ready_seconds" in result:
-        text += f" (guest agent ready after {result['ready_seconds']:.1f} s)"
+    text = f"{action.get(result.action, 'Already running:')} {name}"
+    if result.ready_seconds is not None:
+        text += f" (guest agent ready after {result.ready_seconds:.1f} s)"
     output.emit(text)
-    if result.get("clock") == "synced":
-        output.info(f"guest clock set from the host (it was {result['clock_offset_s']:+.1f} s off)")
-    elif "clock" in result:
-        output.info(f"guest clock {result['clock']}")
+    if result.clock == "synced":
+        output.info(f"guest clock set from the host (it was {result.clock_offset_s:+.1f} s off)")
+    elif result.clock is not None:
+        output.info(f"guest clock {result.clock}")
 
 
 def _wait_or_show_console(
@@ -309,7 +311,7 @@ def stop(
     with connection() as conn, progress(f"Stopping {name}…", as_json):
         result = vm.stop(conn, name, timeout=timeout, force=force)
     if as_json:
-        output.emit_json(result.__dict__)
+        output.emit_json(result)
     elif result.method == "none":
         output.emit(f"{name} was not running")
     else:
@@ -384,7 +386,7 @@ def list_(
     with connection() as conn:
         vms = inventory.list_vms(conn, all_domains=all_)
     if as_json:
-        output.emit_json([v.to_dict() for v in vms])
+        output.emit_json(vms)
         return
     rows = [[v.name, v.state, v.vcpus, _memory(v.memory), v.qmp] for v in vms]
     output.emit(output.table(["NAME", "STATE", "VCPUS", "MEMORY", "QMP"], rows))
@@ -397,10 +399,11 @@ def status(name: NameArg, as_json: JsonOpt = False) -> None:
     from . import vm
 
     with connection() as conn:
-        data = vm.status(conn, name)
+        found = vm.status(conn, name)
     if as_json:
-        output.emit_json(data)
+        output.emit_json(found)
         return
+    data = output.to_json(found)
     warnings = data.pop("warnings")
     data["memory"] = _memory(data["memory"])
     data["disks"] = ", ".join(data["disks"]) or None
@@ -482,12 +485,10 @@ def events(
     """Print VM lifecycle and guest-agent events as they happen (started, paused, shut down,
     stopped with its reason, crashed, saved, restored, migrated, agent connected), until
     Ctrl-C or --timeout."""
-    import json
-
     from . import events as ev
 
     def show(event: ev.Event) -> None:
-        text = json.dumps(event.to_dict()) if as_json else event.line()
+        text = output.json_text(event, indent=None) if as_json else event.line()
         sys.stdout.write(text + "\n")
         sys.stdout.flush()
 
@@ -517,7 +518,7 @@ def ip(name: NameArg, as_json: JsonOpt = False) -> None:
     with connection() as conn:
         result = guest_addresses(conn, name)
     if as_json:
-        output.emit_json(result.to_dict())
+        output.emit_json(result)
         return
     rows = [[i.name, i.mac, a] for i in result.interfaces for a in i.addresses]
     output.emit(output.table(["INTERFACE", "MAC", "ADDRESS"], rows))
@@ -802,7 +803,7 @@ def cp(
             else:
                 result = transfer.copy_from_guest(agent, src_path, dst_path, progress=advance)
     if as_json:
-        output.emit_json(result.__dict__)
+        output.emit_json(result)
     else:
         output.info(f"copied {result.bytes} bytes to {result.destination}")
 
@@ -868,7 +869,7 @@ def snapshot_create(
     with connection() as conn, progress(f"Snapshotting {name}…", as_json):
         info = snapshots.create(conn, name, snap, description)
     if as_json:
-        output.emit_json(info.to_dict())
+        output.emit_json(info)
     else:
         what = "disks and memory" if info.memory else "disks"
         output.emit(f"Created snapshot {info.name} of {name} ({what}, {info.state})")
@@ -883,7 +884,7 @@ def snapshot_list(name: NameArg, as_json: JsonOpt = False) -> None:
     with connection() as conn:
         infos = snapshots.list_snapshots(conn, name)
     if as_json:
-        output.emit_json([i.to_dict() for i in infos])
+        output.emit_json(infos)
         return
     rows = [
         [
@@ -908,7 +909,7 @@ def snapshot_revert(name: NameArg, snap: SnapArg, as_json: JsonOpt = False) -> N
     if as_json:
         output.emit_json(result)
     else:
-        output.emit(f"Reverted {name} to {snap} ({result['state']})")
+        output.emit(f"Reverted {name} to {snap} ({result.state})")
 
 
 @snapshot_app.command("delete")
@@ -936,7 +937,7 @@ def save(name: NameArg, as_json: JsonOpt = False) -> None:
     if as_json:
         output.emit_json(result)
     else:
-        output.emit(f"Saved {name} in {result['seconds']:.1f} s (`ozone start {name}` resumes it)")
+        output.emit(f"Saved {name} in {result.seconds:.1f} s (`ozone start {name}` resumes it)")
 
 
 # --- ozone run, boot cache -----------------------------------------------------------------
@@ -1015,7 +1016,7 @@ def cache_list(as_json: JsonOpt = False) -> None:
 
     entries = cache.list_cache()
     if as_json:
-        output.emit_json([e.to_dict() for e in entries])
+        output.emit_json(entries)
         return
     rows = [
         [e.key, e.config or e.name, e.slots, human_size(e.bytes), f"{e.age_s / 60:.0f} min"]
@@ -1061,7 +1062,7 @@ app.add_typer(image_app, name="image")
 
 def _obtained(result: Any, as_json: bool, verb: str) -> None:
     if as_json:
-        output.emit_json(result.to_dict())
+        output.emit_json(result)
     elif result.made:
         output.emit(f"{verb} {result.id} in {result.seconds:.1f} s: {result.path}")
     else:
@@ -1121,7 +1122,7 @@ def image_list(as_json: JsonOpt = False) -> None:
     with connection() as conn:
         found = imagestore.list_images(conn)
     if as_json:
-        output.emit_json([i.to_dict() for i in found])
+        output.emit_json(found)
         return
     rows = [
         [
@@ -1168,7 +1169,7 @@ def gc(
     with connection() as conn:
         result = janitor.collect(conn, dry_run=dry_run)
     if as_json:
-        output.emit_json(result.to_dict())
+        output.emit_json(result)
         return
     verb = "would remove" if dry_run else "removed"
     for item in result.removed:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import libvirt
@@ -60,9 +60,6 @@ class Event:
     uuid: str
     event: str  # started, stopped, shutdown, paused, …, agent-connected, agent-disconnected
     reason: str  # booted, destroyed, guest, …
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     def line(self) -> str:
         stamp = time.strftime("%H:%M:%S", time.localtime(self.time))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,29 +59,35 @@ exec rm -rf -- "$1"
 _STATES = {0: "removed", 3: "gone", 4: "running"}
 
 
-@dataclass
+@dataclass(frozen=True)
 class GcResult:
-    removed: list[str] = field(default_factory=list)  # or would be, with dry_run
-    kept: list[str] = field(default_factory=list)  # debris that cannot go yet, and why
+    removed: tuple[str, ...] = ()  # or would be, with dry_run
+    kept: tuple[str, ...] = ()  # debris that cannot go yet, and why
     dry_run: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+
+@dataclass
+class _Sweep:
+    """What a collection found so far (its steps add to it)."""
+
+    dry_run: bool
+    removed: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
 
 
 def collect(conn: libvirt.virConnect, *, dry_run: bool = False) -> GcResult:
     """Find (and unless ``dry_run``, remove) everything dead ozone processes left."""
-    result = GcResult(dry_run=dry_run)
+    result = _Sweep(dry_run)
     result.removed += reap_runs(conn, dry_run=dry_run)
     result.removed += prune_cache(dry_run=dry_run)
     result.removed += store_debris(conn, dry_run=dry_run)
     _host_parts(result)
     _guest_leftovers(conn, result)
     _qmp_sockets(conn, result)
-    return result
+    return GcResult(tuple(result.removed), tuple(result.kept), dry_run)
 
 
-def _host_parts(result: GcResult) -> None:
+def _host_parts(result: _Sweep) -> None:
     for lease in stale_leases("cp-host"):
         path = Path(str(lease.data.get("path", "")))
         with contextlib.suppress(OSError):
@@ -94,7 +100,7 @@ def _host_parts(result: GcResult) -> None:
             lease.release()
 
 
-def _guest_leftovers(conn: libvirt.virConnect, result: GcResult) -> None:
+def _guest_leftovers(conn: libvirt.virConnect, result: _Sweep) -> None:
     """Copies' folders and runs' folders in guests, left by an ozone that died."""
     for kind, script, name_ok in (
         ("cp-guest", _DISCARD_GUEST_PART, lambda p: GUEST_PART.fullmatch(p.rsplit("/", 1)[-1])),
@@ -143,7 +149,7 @@ def _in_guest(conn: libvirt.virConnect, data: dict[str, Any], script: str, *, dr
             other.close()
 
 
-def _qmp_sockets(conn: libvirt.virConnect, result: GcResult) -> None:
+def _qmp_sockets(conn: libvirt.virConnect, result: _Sweep) -> None:
     """Sockets in ozone's QMP folder whose VM is gone or has another endpoint now."""
     folder = qmp_folder(session=conn.getURI().startswith("qemu:///session"))
     if not folder.is_dir():

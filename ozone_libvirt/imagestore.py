@@ -11,7 +11,6 @@ failed one leaves nothing in the store.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -555,12 +554,9 @@ class ImageInfo:
     id: str
     source: str
     bytes: int  # on disk
-    used_by: list[str]
+    used_by: tuple[str, ...]
     created: float
     path: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def _source_text(spec: dict[str, Any]) -> str:
@@ -607,7 +603,7 @@ def list_images(conn: libvirt.virConnect, store: Path | None = None) -> list[Ima
                 id=ref.id,
                 source=_source_text(ref.spec),
                 bytes=size,
-                used_by=users,
+                used_by=tuple(users),
                 created=_number(meta.get("created")),
                 path=str(ref.disk(store)),
             )
@@ -679,9 +675,6 @@ class ObtainResult:
     path: str
     made: bool  # False: the store had it
     seconds: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def build_config_image(

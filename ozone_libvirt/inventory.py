@@ -7,8 +7,7 @@ it stays close to `virsh list --all` on a host with a thousand domains.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import libvirt
 
@@ -28,7 +27,7 @@ STATE_NAMES = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class VMInfo:
     name: str
     state: str
@@ -40,9 +39,6 @@ class VMInfo:
     persistent: bool = True
     source: str | None = None
     config_hash: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def state_name(dom: libvirt.virDomain, state: int | None = None) -> str:

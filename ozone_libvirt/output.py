@@ -5,16 +5,44 @@ progress spinners only on a terminal."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .errors import OzoneError
+from .results import OMIT_NONE
+
+
+def to_json(obj: Any) -> Any:
+    """The one encoder of ``--json`` output: a library result (a dataclass, its fields in
+    order, leaving out an :func:`.results.optional` field while None), a NamedTuple or a
+    mapping become an object; lists, tuples and sets an array; anything else not JSON
+    already (a path) its string."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {
+            f.name: to_json(value)
+            for f in dataclasses.fields(obj)
+            if (value := getattr(obj, f.name)) is not None or not f.metadata.get(OMIT_NONE)
+        }
+    if isinstance(obj, tuple) and hasattr(obj, "_asdict"):
+        return to_json(obj._asdict())
+    if isinstance(obj, Mapping):
+        return {str(key): to_json(value) for key, value in obj.items()}
+    if isinstance(obj, list | tuple | set | frozenset):
+        return [to_json(item) for item in obj]
+    if obj is None or isinstance(obj, str | int | float):
+        return obj
+    return str(obj)
+
+
+def json_text(obj: Any, *, indent: int | None = 2) -> str:
+    return json.dumps(to_json(obj), indent=indent)
 
 
 def emit_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    sys.stdout.write(json_text(data) + "\n")
 
 
 def emit(text: str) -> None:

@@ -8,18 +8,18 @@ state, or a resume from saved state, the guest clock is set from the host's.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 import libvirt
 from lxml import etree
 
 from .connection import call, find_snapshot, libvirt_errors, lookup, refused_with
 from .errors import OzoneError, StateError, UsageError
+from .results import RevertResult, SaveResult
 from .vm import is_active, state_name, sync_clock
 
 
-@dataclass
+@dataclass(frozen=True)
 class SnapshotInfo:
     name: str
     created: int  # seconds since the epoch
@@ -27,9 +27,6 @@ class SnapshotInfo:
     parent: str | None
     current: bool
     memory: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def _describe(snap: libvirt.virDomainSnapshot) -> SnapshotInfo:
@@ -92,7 +89,7 @@ def list_snapshots(conn: libvirt.virConnect, name: str) -> list[SnapshotInfo]:
     return sorted(infos, key=lambda s: (s.created, s.name))
 
 
-def revert(conn: libvirt.virConnect, name: str, snap: str) -> dict[str, Any]:
+def revert(conn: libvirt.virConnect, name: str, snap: str) -> RevertResult:
     """Go back to a snapshot. A running VM stays running (from the snapshot's memory when it
     has one, else booted from its disks), with its guest clock set from the host."""
     dom = lookup(conn, name)
@@ -106,10 +103,8 @@ def revert(conn: libvirt.virConnect, name: str, snap: str) -> dict[str, Any]:
             flags | libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_FORCE,
             name=name,
         )
-    result: dict[str, Any] = {"name": name, "snapshot": snap, "state": state_name(dom)}
-    if is_active(dom):
-        result.update(sync_clock(dom))
-    return result
+    result = RevertResult(name, snap, state_name(dom))
+    return result.with_clock(sync_clock(dom)) if is_active(dom) else result
 
 
 def delete(conn: libvirt.virConnect, name: str, snap: str) -> None:
@@ -117,11 +112,11 @@ def delete(conn: libvirt.virConnect, name: str, snap: str) -> None:
     call(_snapshot(dom, snap).delete, 0, name=name)
 
 
-def save(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
+def save(conn: libvirt.virConnect, name: str) -> SaveResult:
     """Save the running VM's state to disk and stop it; `start` resumes from it."""
     dom = lookup(conn, name)
     if not is_active(dom):
         raise StateError(f"{name} is not running: nothing to save")
     began = time.monotonic()
     call(dom.managedSave, 0, name=name)
-    return {"name": name, "state": "saved", "seconds": round(time.monotonic() - began, 3)}
+    return SaveResult(name, "saved", round(time.monotonic() - began, 3))

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import libvirt
 
@@ -47,6 +47,7 @@ from .inventory import list_vms as list_vms
 from .inventory import state_name as state_name
 from .metadata import Forward, QmpEndpoint
 from .qmp import tcp_port_free
+from .results import ClockSync, StartResult
 from .state import ensure_qmp_folder, host_lock
 from .storage import (
     backing_chain,
@@ -64,20 +65,20 @@ if TYPE_CHECKING:
 POLL = 0.05
 
 
-@dataclass
+@dataclass(frozen=True)
 class DefineResult:
     name: str
     uuid: str
     created: bool  # False: an existing domain was updated in place
     qmp: str | None
-    disks_created: list[str] = field(default_factory=list)
-    images_made: list[str] = field(default_factory=list)  # base images and seeds, now
+    disks_created: tuple[str, ...] = ()
+    images_made: tuple[str, ...] = ()  # base images and seeds, now
     restart_needed: bool = False  # the domain runs: changes apply at its next start
-    notes: list[str] = field(default_factory=list)  # things the user should know
-    forwards: list[str] = field(default_factory=list)  # PROTO:HOST:PORT:GUESTPORT
+    notes: tuple[str, ...] = ()  # things the user should know
+    forwards: tuple[str, ...] = ()  # PROTO:HOST:PORT:GUESTPORT
 
 
-@dataclass
+@dataclass(frozen=True)
 class StopResult:
     name: str
     method: str  # how it stopped: agent | acpi | forced | none (was not running)
@@ -461,11 +462,11 @@ def _define(
         uuid=dom.UUIDString(),
         created=existing is None,
         qmp=str(qmp) if qmp else None,
-        disks_created=[str(p) for p in created],
-        images_made=[str(p) for p in made],
+        disks_created=tuple(str(p) for p in created),
+        images_made=tuple(str(p) for p in made),
         restart_needed=existing is not None and is_active(existing),
-        notes=notes,
-        forwards=[str(f) for f in forwards],
+        notes=tuple(notes),
+        forwards=tuple(str(f) for f in forwards),
     )
 
 
@@ -592,15 +593,15 @@ def _move_ssh_port(conn: libvirt.virConnect, dom: libvirt.virDomain, old: Forwar
         call(conn.defineXML, dx.with_forwards(xml, forwards), name=dom.name())
 
 
-def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
+def start(conn: libvirt.virConnect, name: str) -> StartResult:
     """Start (or resume from saved state) a defined VM. Idempotent."""
     dom = lookup(conn, name)
     if is_active(dom):
         state = state_name(dom)
         if state == "paused":
             call(dom.resume, name=name)
-            return {"name": name, "state": "running", "action": "resumed", **sync_clock(dom)}
-        return {"name": name, "state": state, "action": "none"}
+            return StartResult(name, "running", "resumed").with_clock(sync_clock(dom))
+        return StartResult(name, state, "none")
     restored = _has_managed_save(dom)
     local = is_local(conn)
     for attempt in range(3):
@@ -616,10 +617,10 @@ def start(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
             if local and attempt < 2 and _ports_are_auto(dom):
                 continue
             raise
-    result = {"name": name, "state": state_name(dom), "action": "booted"}
+    state = state_name(dom)
     if restored:
-        result.update(action="restored", **sync_clock(dom))
-    return result
+        return StartResult(name, state, "restored").with_clock(sync_clock(dom))
+    return StartResult(name, state, "booted")
 
 
 def _port_taken(name: str) -> Callable[[libvirt.libvirtError], OzoneError | None]:
@@ -650,20 +651,22 @@ def _ports_are_auto(dom: libvirt.virDomain) -> bool:
     return (qmp is None or qmp.kind != "tcp" or qmp.auto) and all(f.auto for f in meta.forwards)
 
 
-def sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> dict[str, Any]:
+def sync_clock(dom: libvirt.virDomain, *, timeout: float = 5) -> ClockSync:
     """After a resume or a restore the guest's clock is behind by the time it was stopped:
     set it from the host's through the agent (best effort: a guest without agent keeps
     its clock, and says so)."""
     if not dx.has_agent_channel(call(dom.XMLDesc, 0, name=dom.name())):
-        return {"clock": "not synced (no guest agent channel)"}
+        return ClockSync("not synced (no guest agent channel)")
     agent = Agent(dom)
     if not wait_for(lambda: agent.answers(timeout=1), timeout=timeout, interval=0.05):
-        return {"clock": "not synced (the guest agent did not answer)"}
+        return ClockSync("not synced (the guest agent did not answer)")
     try:
         offset = agent.set_time()
+    except ConnectionFailed:
+        raise  # libvirt went away: that is no answer about the clock
     except OzoneError as err:
-        return {"clock": f"not synced ({err.message})"}
-    return {"clock": "synced", "clock_offset_s": round(offset, 3)}
+        return ClockSync(f"not synced ({err.message})")
+    return ClockSync("synced", round(offset, 3))
 
 
 def wait_agent(
@@ -879,36 +882,57 @@ def _check_deletable(conn: libvirt.virConnect, name: str, images: list[Path]) ->
 # --- list / status ---------------------------------------------------------------------
 
 
-def status(conn: libvirt.virConnect, name: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ShareStatus:
+    host: str
+    guest: str | None  # where the guest mounts it (None: not a share of ozone's)
+    readonly: bool
+    enforced_by: str | None  # a read-only share's guard: "host" or "guest mount"
+    via: str = "virtio-fs"
+    fstab: str | None = None  # the guest's /etc/fstab line for it
+
+
+@dataclass(frozen=True)
+class VMStatus(VMInfo):
+    """One VM in full: what `ozone list` shows of it, and its devices and warnings."""
+
+    serial_log: str | None = None
+    disks: tuple[str, ...] = ()
+    agent_channel: bool = False
+    autostart: bool = False
+    ssh: str | None = None  # HOST:PORT of the loopback forward to its ssh
+    ports: tuple[str, ...] = ()  # the forwards its config asks for
+    shares: tuple[ShareStatus, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def status(conn: libvirt.virConnect, name: str) -> VMStatus:
     dom = lookup(conn, name)
     xml = call(dom.XMLDesc, 0, name=name)
     meta = dx.parse_metadata(xml)  # the XML holds it: no second call for the metadata
-    data = info(dom, meta, with_meta=meta is not None).to_dict()
-    data["serial_log"] = dx.serial_log_of(xml)
-    data["disks"] = dx.disk_images_of(xml)
-    data["agent_channel"] = dx.has_agent_channel(xml)
-    data["autostart"] = bool(call(dom.autostart, name=name))
+    base = info(dom, meta, with_meta=meta is not None)
     forward = meta.ssh_forward if meta else None
-    data["ssh"] = f"{forward.host}:{forward.port}" if forward else None
-    data["ports"] = [str(f) for f in meta.forwards if not f.auto] if meta else []
-    data["shares"] = [
-        {
-            "host": s.host,
-            "guest": s.guest,
-            "readonly": s.readonly,
-            "enforced_by": s.enforced_by,
-            "via": "virtio-fs",
-            "fstab": s.fstab,
-        }
+    shares = tuple(
+        ShareStatus(s.host, s.guest, s.readonly, s.enforced_by, fstab=s.fstab)
         for s in dx.shares_of(xml)
-    ]
-    data["warnings"] = qmp_warnings(meta.qmp_endpoint if meta else None)
-    if any(s["enforced_by"] == "guest mount" for s in data["shares"]):
-        data["warnings"].append(
+    )
+    warnings = qmp_warnings(meta.qmp_endpoint if meta else None)
+    if any(s.enforced_by == "guest mount" for s in shares):
+        warnings.append(
             "a read-only share is only mounted read-only by the guest, whose root can remount "
             "it: `ozone define` it again as root, which installs ozone's read-only virtiofsd"
         )
-    return data
+    return VMStatus(
+        **dataclasses.asdict(base),
+        serial_log=dx.serial_log_of(xml),
+        disks=tuple(dx.disk_images_of(xml)),
+        agent_channel=dx.has_agent_channel(xml),
+        autostart=bool(call(dom.autostart, name=name)),
+        ssh=f"{forward.host}:{forward.port}" if forward else None,
+        ports=tuple(str(f) for f in meta.forwards if not f.auto) if meta else (),
+        shares=shares,
+        warnings=tuple(warnings),
+    )
 
 
 def qmp_warnings(endpoint: QmpEndpoint | None) -> list[str]:
