@@ -125,9 +125,10 @@ def _seconds_or_zero(value: float) -> float:
 
 @contextlib.contextmanager
 def connection() -> Iterator[libvirt.virConnect]:
-    from .connection import connect
+    from .connection import connect, libvirt_errors
 
-    with connect(G.uri) as conn:
+    # a libvirt call the library left untranslated still ends as one line, not a traceback
+    with connect(G.uri) as conn, libvirt_errors(uri=G.uri):
         yield conn
 
 

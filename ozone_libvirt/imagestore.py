@@ -72,7 +72,7 @@ def _ensure_pool(conn: libvirt.virConnect, store: Path) -> libvirt.virStoragePoo
             f"libvirt's storage pool {name} is the folder {target}, not the image store {store}",
             hint=f"`virsh pool-destroy {name}; virsh pool-undefine {name}`: ozone defines it again",
         )
-    if not pool.isActive():
+    if not call(pool.isActive):
         store.mkdir(parents=True, exist_ok=True, mode=0o755)
         call(pool.create, 0)
     else:

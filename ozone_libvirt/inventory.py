@@ -74,7 +74,7 @@ def info(
         qmp=meta.qmp if meta else None,
         managed=meta is not None,
         uuid=dom.UUIDString(),
-        persistent=bool(dom.isPersistent()),
+        persistent=bool(call(dom.isPersistent, name=name)),
         source=meta.source if meta else None,
         config_hash=meta.hash if meta else None,
     )

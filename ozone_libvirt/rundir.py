@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 
 from .cache import make_dir
-from .connection import find_domain_by_uuid, if_exists
+from .connection import call, find_domain_by_uuid, if_exists
 
 if TYPE_CHECKING:
     from .config import VMConfig
@@ -142,9 +142,10 @@ def _run_domain(
     dom = find_domain_by_uuid(conn, entry["uuid"], name=entry.get("name"))
     if dom is None:
         return None
-    if dom.name() != entry.get("name") or dom.isPersistent():
+    if dom.name() != entry.get("name") or call(dom.isPersistent, name=dom.name()):
         return None  # not what the run made: never touch it
     from xml.etree import ElementTree
 
-    description = ElementTree.fromstring(dom.XMLDesc(0)).findtext("description")
+    xml = if_exists(dom.XMLDesc, 0, name=dom.name())  # (None: it ended meanwhile)
+    description = ElementTree.fromstring(xml).findtext("description") if xml else None
     return dom if description == f"ozone run in {folder}" else None

@@ -38,7 +38,7 @@ def _describe(snap: libvirt.virDomainSnapshot) -> SnapshotInfo:
         created=int(root.findtext("creationTime") or 0),
         state=root.findtext("state") or "unknown",
         parent=parent,
-        current=bool(snap.isCurrent(0)),
+        current=bool(call(snap.isCurrent, 0)),
         memory=memory is not None and memory.get("snapshot") not in (None, "no"),
     )
 
