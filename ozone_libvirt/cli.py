@@ -212,21 +212,15 @@ def start(
 
     name = name or _ask_for_name()
     with connection() as conn:
-        if vm.find(conn, name) is None:
-            from .config import find_config
+        path = vm.config_to_define(conn, name)
+        if path is not None:
+            from .config import load_config
 
-            try:
-                path = find_config(name)  # a config of that name? then define it first
-            except OzoneError:
-                path = None
-            if path is not None:
-                from .config import load_config
-
-                cfg = load_config(path)
-                name = cfg.name  # `ozone start vms/web.yaml` starts the VM it names
-                with output.activity(f"Defining {name}:", enabled=not as_json) as steps:
-                    vm.define(conn, cfg, report=steps[0], progress=steps[1])
-                output.info(f"defined {name} from {path}")
+            cfg = load_config(path)
+            name = cfg.name  # `ozone start vms/web.yaml` starts the VM it names
+            with output.activity(f"Defining {name}:", enabled=not as_json) as steps:
+                vm.define(conn, cfg, report=steps[0], progress=steps[1])
+            output.info(f"defined {name} from {path}")
         with progress(f"Starting {name}…", as_json):
             result = vm.start(conn, name)
         if wait:
@@ -944,23 +938,6 @@ def save(name: NameArg, as_json: JsonOpt = False) -> None:
 # --- ozone run, boot cache -----------------------------------------------------------------
 
 
-def _run_config(config_or_name: str) -> VMConfig:
-    """A config file by path or name, or the config an ozone VM of that name came from."""
-    from .config import find_config, load_config
-
-    try:
-        return load_config(find_config(config_or_name))
-    except OzoneError as not_a_config:
-        from . import vm
-
-        with connection() as conn:
-            dom = vm.find(conn, config_or_name)
-            meta = vm.metadata(dom) if dom is not None else None
-        if meta is None or not meta.source:
-            raise not_a_config from None
-        return load_config(meta.source)
-
-
 @app.command("run")
 @handles_exec_errors
 def run_(
@@ -992,7 +969,7 @@ def run_(
     from . import run as runner
 
     exec_options = _exec_options(env, cwd, user, timeout, interactive, stage_dir)
-    cfg = _run_config(config)
+    cfg = runner.config_of(config, uri=G.uri)
     options = runner.RunOptions(
         keep=keep,
         use_cache=not no_cache,

@@ -46,13 +46,38 @@ from .cache import (
     prune_entry,
 )
 from .config import Disk, Qmp, VMConfig, check_host_paths
-from .connection import best_effort, call, host_facts, if_exists, is_local
+from .connection import (
+    best_effort,
+    call,
+    connect,
+    domain_metadata,
+    find_domain,
+    host_facts,
+    if_exists,
+    is_local,
+)
 from .errors import OzoneError, StateError
 from .rundir import RunDir, reap_runs
 from .storage import create_disk, parse_label
 from .vm import is_active, wait_for_guest
 
 Report = Callable[[str], None]
+
+
+def config_of(config_or_name: str, *, uri: str | None = None) -> VMConfig:
+    """What `ozone run` runs: a config file by path or name, or else the config an ozone VM
+    of that name (on ``uri``) was defined from."""
+    from .config import find_config, load_config
+
+    try:
+        return load_config(find_config(config_or_name))
+    except OzoneError as not_a_config:
+        with connect(uri) as conn:
+            dom = find_domain(conn, config_or_name)
+            meta = domain_metadata(dom) if dom is not None else None
+        if meta is None or not meta.source:
+            raise not_a_config from None
+        return load_config(meta.source)
 
 
 # --- the key -------------------------------------------------------------------------------

@@ -93,6 +93,19 @@ find = find_domain
 metadata = domain_metadata
 
 
+def config_to_define(conn: libvirt.virConnect, name: str) -> Path | None:
+    """`ozone start NAME` defines the VM first when libvirt has no VM of that name and a
+    config of that name (or that path) exists: that config, else None."""
+    if find(conn, name) is not None:
+        return None
+    from .config import find_config
+
+    try:
+        return find_config(name)
+    except OzoneError:
+        return None  # no such config: `start` then says there is no such VM
+
+
 def wait_for(condition: Callable[[], bool], *, timeout: float, interval: float = POLL) -> bool:
     """Poll ``condition`` until it holds or ``timeout`` seconds pass. True if it held."""
     deadline = time.monotonic() + timeout
