@@ -142,3 +142,44 @@ def test_a_closed_connection_is_not_a_missing_domain() -> None:
     with pytest.raises(OzoneError) as caught:
         find_domain(conn, "test")
     assert not isinstance(caught.value, NotFoundError)
+
+
+class _Dom:
+    """A domain whose every libvirt call fails with ``err`` (a stand-in: libvirt cannot
+    drop a connection on demand here)."""
+
+    def __init__(self, err: Exception) -> None:
+        self.err = err
+
+    def name(self) -> str:
+        return "web"
+
+    def __getattr__(self, _name: str) -> Callable[..., Any]:
+        return raising(self.err)
+
+
+@pytest.mark.parametrize("dropped", DROPPED, ids=["system-error", "internal-error"])
+def test_a_dropped_connection_is_not_a_silent_answer_about_the_vm(
+    dropped: Exception, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import libvirt_qemu
+
+    from ozone_libvirt.agent import Agent
+    from ozone_libvirt.inventory import _has_managed_save, is_active
+
+    dom: Any = _Dom(dropped)
+    with pytest.raises(ConnectionLost):
+        _has_managed_save(dom)  # not "no saved state"
+    with pytest.raises(ConnectionLost):
+        is_active(dom)  # not "stopped"
+    monkeypatch.setattr(libvirt_qemu, "qemuAgentCommand", raising(dropped))
+    with pytest.raises(ConnectionLost):
+        Agent(dom).answers(timeout=1)  # not "the agent does not answer"
+
+
+def test_a_domain_that_went_away_is_not_running_and_has_no_saved_state() -> None:
+    from ozone_libvirt.inventory import _has_managed_save, is_active
+
+    dom: Any = _Dom(fake_error(libvirt.VIR_ERR_NO_DOMAIN))
+    assert is_active(dom) is False
+    assert _has_managed_save(dom) is False
