@@ -97,8 +97,8 @@ class Plan:
             "restart-needed": "to change (restart needed)",
             "prune": "to prune",
             "unchanged": "unchanged",
-        }
-        parts = [f"{self.count(a)} {words[a]}" for a in ACTIONS if self.count(a)]
+        }  # in this order
+        parts = [f"{self.count(a)} {text}" for a, text in words.items() if self.count(a)]
         return "plan: " + (", ".join(parts) if parts else "no VMs")
 
 
