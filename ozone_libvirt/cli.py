@@ -1158,6 +1158,117 @@ def gc(
         output.emit("nothing to remove")
 
 
+@app.command()
+@handles_errors
+def apply(
+    targets: Annotated[
+        list[str],
+        typer.Argument(
+            help="Config folders, files or names.",
+            show_default=False,
+            autocompletion=completion.config_names,
+        ),
+    ],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Apply without asking.")] = False,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Restart running VMs whose change needs it.")
+    ] = False,
+    prune: Annotated[
+        bool,
+        typer.Option(
+            "--prune",
+            help="Undefine ozone VMs defined from a folder's configs that "
+            "are gone (their disks stay).",
+        ),
+    ] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=32, help="Steps at once.")] = 4,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make libvirt's VMs match their configs: show the plan, then (after asking, or with
+    --yes) create, change, restart (--restart) and prune (--prune) what differs."""
+    from . import converge
+    from .plan import describe
+
+    configs = converge.load(targets)
+    records = {c.name: converge.desired(c).record for c in configs.configs}
+    with connection() as conn:
+        the_plan = converge.make_plan(conn, configs, prune=prune)
+        width = max((len(s.name) for s in the_plan.steps), default=0)
+        if not as_json:
+            output.emit(the_plan.summary())
+            for step in the_plan.steps:
+                output.emit(describe(step, records.get(step.name), width))
+        go = the_plan.changes_anything and (yes or _confirmed("apply this plan?", as_json))
+        results = []
+        if go:
+
+            def report(name: str, text: str) -> None:
+                if not as_json:
+                    output.info(f"{name}: {text}")
+
+            results = converge.execute(
+                conn, the_plan, configs, restart=restart, jobs=jobs, report=report
+            )
+    failed = [r for r in results if not r.ok]
+    if as_json:
+        output.emit_json(converge.to_json(the_plan, results, applied=go))
+    elif the_plan.changes_anything and not go:
+        output.info("nothing changed: `--yes` applies the plan")
+    else:
+        for result in failed:
+            assert result.error is not None
+            output.error(result.error, as_json=False)
+        for result in results:
+            if result.action == "restart-needed" and result.done != "restarted" and result.ok:
+                output.info(f"{result.name}: takes the change at its next start (--restart: now)")
+        if go:
+            changed = sum(1 for r in results if r.ok and r.done != "nothing")
+            output.info(f"applied: {changed} changed, {len(failed)} failed")
+    if failed:
+        raise typer.Exit(EXIT_FAILED)
+
+
+def _confirmed(question: str, as_json: bool) -> bool:
+    """Asked on a terminal only: without one (a script, CI) the answer is no."""
+    if as_json or not (sys.stdin.isatty() and sys.stdout.isatty()):
+        return False
+    return bool(typer.confirm(question, default=False))
+
+
+@app.command()
+@handles_errors
+def diff(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="VM name or config (name or path).",
+            show_default=False,
+            autocompletion=completion.vm_or_config_names,
+        ),
+    ],
+    as_json: JsonOpt = False,
+) -> None:
+    """Show how the domain XML libvirt holds differs from what the config makes (a unified
+    diff, without what libvirt adds by itself); nothing when they agree."""
+    from . import converge
+
+    with connection() as conn:
+        text = converge.diff(conn, target)
+    if as_json:
+        output.emit_json({"same": not text, "diff": text})
+    elif text:
+        output.emit(text)
+
+
+@app.command()
+def schema() -> None:
+    """Print the config's JSON Schema (draft 2020-12), for editors that validate and complete
+    YAML and JSON."""
+    from .schema import json_schema
+
+    output.emit_json(json_schema())
+
+
 def _terminate(signum: int, _frame: object) -> None:
     raise Interrupted(signum)
 

@@ -90,6 +90,28 @@ def planned_forwards(config: VMConfig) -> tuple[Forward, ...]:
     return tuple(forwards)
 
 
+def config_record(config: VMConfig) -> dict[str, object]:
+    """The normalised config as ozone records it in the metadata, for `ozone apply` to say
+    which fields changed: cloud-init's content (which may hold secrets, and is long) only as
+    its digest; fields that are unset (null or empty) left out. The config's
+    :attr:`~.VMConfig.hash` covers it all."""
+
+    def compact(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: compact(v) for k, v in value.items() if v is not None and v != []}
+        if isinstance(value, list):
+            return [compact(v) for v in value]
+        return value
+
+    data = config.to_dict()
+    if data.get("cloud_init") is not None:
+        text = json.dumps(data["cloud_init"], sort_keys=True, separators=(",", ":"))
+        data["cloud_init"] = "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+    record = compact(data)
+    assert isinstance(record, dict)
+    return record
+
+
 def ssh_user(config: VMConfig) -> str | None:
     """Who `ozone ssh` logs in as: the first user the config's cloud-init makes (None: root)."""
     users = config.cloud_init.users if config.cloud_init else ()
@@ -264,6 +286,7 @@ def build_domain(
         meta.append(O("ssh-user", user))
     for i, share in enumerate(config.shares):  # how the guest mounts it: fstab's fields
         meta.append(O.share(f"{share_tag(i)} {share.guest} {'ro' if share.readonly else 'rw'}"))
+    meta.append(O.config(json.dumps(config_record(config), separators=(",", ":"))))
     root.append(E.metadata(meta))
 
     kib = str(config.memory // 1024)
@@ -547,3 +570,71 @@ def shares_of(xml: str) -> list[ShareInfo]:
 def has_agent_channel(xml: str) -> bool:
     root = etree.fromstring(xml.encode())
     return any(t.get("name") == AGENT_CHANNEL for t in root.findall("devices/channel/target"))
+
+
+# what libvirt adds to a domain by itself (addresses, default controllers and devices, the
+# CPU model TCG runs): `ozone diff` leaves these out where the config's XML has none
+_LIBVIRT_ADDS = frozenset(
+    {"address", "alias", "audio", "controller", "cpu", "emulator", "input", "log", "mac",
+     "memballoon", "model", "resource", "uuid"}
+)  # fmt: skip
+
+
+def _project(held: etree._Element, ours: etree._Element) -> None:
+    """Strip from ``held`` what libvirt added to ``ours``: attributes ours lacks, and child
+    elements of a kind libvirt adds where ours has none of that kind. Children of one kind
+    pair up in order; held's extra ones (a device added with `virsh edit`) stay."""
+    for key in [k for k in held.attrib if k not in ours.attrib]:
+        del held.attrib[key]
+    machine, wanted = held.get("machine"), ours.get("machine")
+    if held.tag == "type" and machine and wanted and machine.startswith(f"pc-{wanted}-"):
+        held.set("machine", wanted)  # libvirt names the versioned machine type: q35 → pc-q35-7.2
+    if wanted == "pc" and machine and machine.startswith("pc-i440fx-"):
+        held.set("machine", wanted)
+    mine: dict[str, list[etree._Element]] = {}
+    for child in ours:
+        mine.setdefault(str(child.tag), []).append(child)
+    seen: dict[str, int] = {}
+    for child in list(held):
+        tag = str(child.tag)
+        if not isinstance(child.tag, str) or (tag not in mine and tag in _LIBVIRT_ADDS):
+            held.remove(child)
+            continue
+        index = seen[tag] = seen.get(tag, -1) + 1
+        if index < len(mine.get(tag, ())):
+            _project(child, mine[tag][index])
+
+
+def _canonical(root: etree._Element) -> str:
+    for el in root.iter():
+        if isinstance(el.tag, str):
+            items = sorted(el.attrib.items())
+            el.attrib.clear()
+            el.attrib.update(items)
+        el.tail = None
+        if len(el) and el.text is not None and not el.text.strip():
+            el.text = None
+    return to_string(root)
+
+
+def xml_diff(held: str, ours: str, *, held_label: str, ours_label: str) -> str:
+    """A unified diff of the domain XML libvirt holds against the one a config makes, without
+    what libvirt adds by itself ("" when they agree)."""
+    parser = etree.XMLParser(remove_blank_text=True, remove_comments=True)
+    held_root = etree.fromstring(held.encode(), parser)
+    ours_root = etree.fromstring(ours.encode(), parser)
+    _project(held_root, ours_root)
+    lines = difflib.unified_diff(
+        _canonical(held_root).splitlines(keepends=True),
+        _canonical(ours_root).splitlines(keepends=True),
+        fromfile=held_label,
+        tofile=ours_label,
+    )
+    return "".join(lines)
+
+
+def description_of(xml: str) -> str | None:
+    """A domain's ``<description>``."""
+    root = etree.fromstring(xml.encode())
+    text = root.findtext("description")
+    return text or None

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
 OZONE_PREFIX = "ozone"
-_FIELDS = ("source", "hash", "qmp", "stage-dir", "cloud-init", "ssh-user")
+_FIELDS = ("source", "hash", "qmp", "stage-dir", "cloud-init", "ssh-user", "config")
 
 
 class OzoneMetadata(NamedTuple):
@@ -21,6 +21,7 @@ class OzoneMetadata(NamedTuple):
     cloud_init: bool = False  # the VM has a cloud-init seed: ready is when cloud-init is done
     forwards: tuple[Forward, ...] = ()  # host ports QEMU forwards to the guest
     ssh_user: str | None = None  # who `ozone ssh` logs in as (None: root)
+    config: str | None = None  # the normalised config, as JSON (what `ozone apply` compares)
 
     @property
     def qmp(self) -> str | None:
@@ -91,6 +92,7 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
             f for text, auto in forwards if (f := Forward.parse(text, auto=auto == "auto"))
         ),
         ssh_user=texts.get("ssh-user") or None,
+        config=texts.get("config") or None,
     )
 
 

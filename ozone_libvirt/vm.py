@@ -483,6 +483,39 @@ def _define(
     )
 
 
+def desired_xml(conn: libvirt.virConnect, config: VMConfig) -> str:
+    """The domain XML a define of ``config`` would write now, changing nothing: no image is
+    built, no key made, the VM keeps its UUID, QMP endpoint and forwarded ports."""
+    from . import images, ssh
+    from .state import VIRTIOFSD_RO
+
+    local = is_local(conn)
+    facts = host_facts(conn)
+    key = ssh.vm_public_key(config.name, create=False) if config.uses_cloud_init else None
+    config = images.resolve(config, vm_key=key).config
+    formats: dict[Path, str] = {}
+    if local:
+        with contextlib.suppress(OzoneError):  # e.g. an image not built yet
+            formats = _readable_inputs(config, facts)
+        if any(s.readonly for s in config.shares) and VIRTIOFSD_RO.is_file():
+            facts = dataclasses.replace(facts, virtiofsd_ro=VIRTIOFSD_RO)
+    ready = local and facts.qmp_dir is not None and facts.qmp_dir.is_dir()
+    if config.qmp.kind == "auto" and not ready:
+        facts = dataclasses.replace(facts, qmp_dir=None)
+    existing = find(conn, config.name)
+    meta = metadata(existing) if existing is not None else None
+    around = neighbours(conn, except_name=config.name, local=local)
+    previous_qmp = meta.qmp_endpoint if meta else None
+    qmp = resolve_qmp(config, facts, around.qmp, previous=previous_qmp, local=local)
+    previous = meta.forwards if meta else ()
+    forwards = resolve_forwards(config, around, previous=previous, local=local)
+    uuid = existing.UUIDString() if existing is not None else None
+    root = dx.build_domain(
+        config, facts=facts, qmp_endpoint=qmp, uuid=uuid, backing_formats=formats, forwards=forwards
+    )
+    return dx.to_string(root)
+
+
 _REFUSED_CONFIG = (
     libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
     libvirt.VIR_ERR_XML_ERROR,

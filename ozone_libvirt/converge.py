@@ -1,0 +1,333 @@
+"""`ozone apply` and `ozone diff`: configs against what libvirt holds.
+
+:func:`load` reads configs (files, names, folders), :func:`make_plan` asks libvirt what it
+holds and hands both to the pure planner (:mod:`.plan`), :func:`execute` carries a plan out
+with bounded concurrency: one failed step never stops the others, and nothing running is
+stopped without ``restart``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import libvirt
+
+from . import domain_xml as dx
+from .connection import call, if_exists
+from .errors import ConfigError, NotFoundError, OzoneError, StateError
+from .metadata import OZONE_NS, OZONE_PREFIX, parse_metadata
+from .plan import Desired, Held, Plan, Step, parse_record, plan
+
+if TYPE_CHECKING:
+    from .config import VMConfig
+    from .vm import DefineResult
+
+Report = Callable[[str, str], None]  # (VM name, what happens)
+
+
+# --- reading configs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Configs:
+    configs: tuple[VMConfig, ...]
+    folders: tuple[str, ...]  # the folders given: `--prune` looks in these
+
+
+def load(targets: Sequence[str]) -> Configs:
+    """Every config the targets name: a folder gives each ``*.json|yaml|yml`` in it, a path
+    or a name (on OZONE_CONFIG_PATH) one file. All are checked before anything changes; two
+    configs of one VM name are an error."""
+    from .completion import CONFIG_SUFFIXES
+    from .config import find_config, load_config
+
+    paths: list[Path] = []
+    folders: list[str] = []
+    for target in targets:
+        folder = Path(target).expanduser()
+        if folder.is_dir():
+            found = sorted(p for p in folder.iterdir() if p.suffix in CONFIG_SUFFIXES)
+            if not found:
+                raise ConfigError(
+                    f"no config in {target} (looked for *.json, *.yaml, *.yml)",
+                    hint="pass a folder of VM configs, a config file or a config name",
+                )
+            paths += [p.absolute() for p in found]
+            folders.append(str(folder.absolute()))
+        else:
+            paths.append(find_config(target))
+    configs: list[VMConfig] = []
+    seen: dict[str, Path] = {}
+    for path in dict.fromkeys(paths):  # a file named twice is read once
+        config = load_config(path)
+        if config.name in seen:
+            raise ConfigError(
+                f"VM {config.name!r} is named by two configs: {seen[config.name]} and {path}",
+                file=str(path),
+                field="name",
+                hint="each VM has one config: rename or remove one of them",
+            )
+        seen[config.name] = path
+        configs.append(config)
+    return Configs(tuple(configs), tuple(folders))
+
+
+def desired(config: VMConfig) -> Desired:
+    """What the planner compares: the config as define resolves it (its image and seed)."""
+    from .images import resolve
+    from .ssh import vm_public_key
+
+    key = vm_public_key(config.name, create=False) if config.uses_cloud_init else None
+    resolved = resolve(config, vm_key=key).config
+    source = str(config.source) if config.source else None
+    return Desired(config.name, source, resolved.hash, dx.config_record(resolved))
+
+
+# --- what libvirt holds --------------------------------------------------------------------
+
+
+def _xml(dom: libvirt.virDomain, flags: int) -> str | None:
+    xml = if_exists(dom.XMLDesc, flags, name=dom.name())
+    return None if xml is None else str(xml)  # (None: undefined meanwhile)
+
+
+def held_state(dom: libvirt.virDomain, *, local: bool) -> Held | None:
+    """ozone's records in a domain's persistent and live definitions."""
+    name = dom.name()
+    inactive = _xml(dom, libvirt.VIR_DOMAIN_XML_INACTIVE)
+    if inactive is None:
+        return None
+    meta = parse_metadata(inactive)
+    if meta is None:
+        return Held(name, ours=False, running=False)
+    running = bool(call(dom.isActive, name=name))
+    live = parse_metadata(_xml(dom, 0)) if running else None
+    missing: tuple[str, ...] = ()
+    if local:
+        missing = tuple(
+            u.path.name for u in dx.files_of(inactive) if u.role == "disk" and not u.path.exists()
+        )
+    return Held(
+        name,
+        ours=True,
+        running=running,
+        hash=meta.hash,
+        record=parse_record(meta.config),
+        live_hash=live.hash if live else None,
+        live_record=parse_record(live.config) if live else None,
+        source=meta.source,
+        missing=missing,
+    )
+
+
+def make_plan(conn: libvirt.virConnect, configs: Configs, *, prune: bool = False) -> Plan:
+    from .connection import is_local
+
+    local = is_local(conn)
+    wanted = [desired(c) for c in configs.configs]
+    names = {d.name for d in wanted}
+    held: dict[str, Held] = {}
+    for dom in call(conn.listAllDomains, 0):
+        if dom.name() in names or prune:
+            state = held_state(dom, local=local)
+            if state is not None:
+                held[state.name] = state
+    return plan(wanted, held, prune_in=configs.folders if prune else ())
+
+
+# --- carrying a plan out -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StepResult:
+    name: str
+    action: str
+    ok: bool
+    done: str  # what apply did: defined, redefined, restarted, undefined, nothing
+    error: OzoneError | None = None
+    define: DefineResult | None = None
+
+
+def execute(
+    conn: libvirt.virConnect,
+    the_plan: Plan,
+    configs: Configs,
+    *,
+    restart: bool = False,
+    jobs: int = 4,
+    stop_timeout: float = 60,
+    report: Report = lambda _name, _text: None,
+) -> list[StepResult]:
+    """Carry out every step that changes something, ``jobs`` at a time; the results come in
+    the plan's order. A step that fails is reported and the others go on."""
+    by_name = {c.name: c for c in configs.configs}
+    todo = [s for s in the_plan.steps if s.action != "unchanged"]
+    lock = threading.Lock()
+
+    def said(name: str) -> Callable[[str], None]:
+        def say(text: str) -> None:
+            with lock:
+                report(name, text)
+
+        return say
+
+    def run(step: Step) -> StepResult:
+        try:
+            return _carry_out(
+                conn, step, by_name.get(step.name), restart, stop_timeout, said(step.name)
+            )
+        except OzoneError as err:
+            return StepResult(step.name, step.action, False, "failed", error=err)
+
+    results: dict[str, StepResult] = {}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for result in pool.map(run, todo):
+            results[result.name] = result
+    return [
+        results.get(s.name) or StepResult(s.name, s.action, True, "nothing") for s in the_plan.steps
+    ]
+
+
+def _carry_out(
+    conn: libvirt.virConnect,
+    step: Step,
+    config: VMConfig | None,
+    restart: bool,
+    stop_timeout: float,
+    say: Callable[[str], None],
+) -> StepResult:
+    from . import vm
+
+    if step.action == "prune":
+        if step.running and not restart:
+            raise StateError(
+                f"{step.name} is running: not pruned",
+                hint="`ozone apply --prune --restart` stops it first, or `ozone stop` it",
+            )
+        if step.running:
+            say("stopping")
+            vm.stop(conn, step.name, timeout=stop_timeout)
+        say("undefining")
+        vm.undefine(conn, step.name)
+        return StepResult(step.name, step.action, True, "undefined")
+    assert config is not None
+    defined = None
+    if step.define:
+        say("defining")
+        defined = vm.define(conn, config, report=say)
+    if step.action == "change" and step.running:
+        _apply_live(conn, step.name)
+        return StepResult(step.name, step.action, True, "changed live", define=defined)
+    if step.action == "restart-needed" and restart:
+        say("stopping")
+        vm.stop(conn, step.name, timeout=stop_timeout)
+        say("starting")
+        vm.start(conn, step.name)
+        return StepResult(step.name, step.action, True, "restarted", define=defined)
+    done = "defined" if step.action == "create" else "redefined" if defined else "nothing"
+    return StepResult(step.name, step.action, True, done, define=defined)
+
+
+def _apply_live(conn: libvirt.virConnect, name: str) -> None:
+    """A running VM takes its new description, and ozone's records, without a restart."""
+    dom = call(conn.lookupByName, name, name=name)
+    xml = call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, name=name)
+    description = dx.description_of(xml)
+    live = libvirt.VIR_DOMAIN_AFFECT_LIVE
+    call(
+        dom.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_DESCRIPTION,
+        description,
+        None,
+        None,
+        live,
+        name=name,
+    )
+    ours = call(
+        dom.metadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        OZONE_NS,
+        libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+        name=name,
+    )
+    call(
+        dom.setMetadata,
+        libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+        ours,
+        OZONE_PREFIX,
+        OZONE_NS,
+        live,
+        name=name,
+    )
+
+
+# --- diff --------------------------------------------------------------------------------
+
+
+def diff(conn: libvirt.virConnect, target: str) -> str:
+    """The unified diff of the domain XML libvirt holds for a VM against the one its config
+    makes (``target``: a config name or path, or a VM name, whose config is the file it was
+    defined from)."""
+    from . import vm
+    from .config import find_config, load_config
+
+    try:
+        path = find_config(target)
+    except ConfigError:
+        dom = vm.find(conn, target)
+        meta = vm.metadata(dom) if dom is not None else None
+        if meta is None or meta.source is None:
+            raise
+        path = Path(meta.source)
+        if not path.is_file():
+            raise ConfigError(
+                f"{target} was defined from {path}, which is gone",
+                hint="pass the config to compare with: `ozone diff PATH`",
+            ) from None
+    config = load_config(path)
+    if vm.find(conn, config.name) is None:
+        raise NotFoundError(f"no VM named {config.name!r}", hint=f"`ozone apply {path}` creates it")
+    held = vm.dumpxml(conn, config.name, inactive=True)
+    ours = vm.desired_xml(conn, config)
+    return dx.xml_diff(
+        held, ours, held_label=f"{config.name} (libvirt)", ours_label=f"{path} (config)"
+    )
+
+
+def to_json(the_plan: Plan, results: Sequence[StepResult], *, applied: bool) -> dict[str, object]:
+    """`ozone apply --json`: the plan, whether it was applied, and each step's result."""
+    import dataclasses
+
+    def step(s: Step) -> dict[str, object]:
+        return {
+            "name": s.name,
+            "action": s.action,
+            "config": s.config,
+            "running": s.running,
+            "reason": s.reason,
+            "changes": [{"field": c.field, "from": c.before, "to": c.after} for c in s.changes],
+        }
+
+    def result(r: StepResult) -> dict[str, object]:
+        return {
+            "name": r.name,
+            "action": r.action,
+            "ok": r.ok,
+            "done": r.done,
+            "error": r.error.to_dict() if r.error else None,
+            "define": dataclasses.asdict(r.define) if r.define else None,
+        }
+
+    counts = {
+        a: the_plan.count(a) for a in ("create", "change", "restart-needed", "unchanged", "prune")
+    }
+    return {
+        "plan": {"summary": counts, "steps": [step(s) for s in the_plan.steps]},
+        "applied": applied,
+        "results": [result(r) for r in results],
+    }
