@@ -147,8 +147,9 @@ def progress(text: str, as_json: bool) -> contextlib.AbstractContextManager[None
 @app.command()
 @handles_errors
 def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
-    """Create a VM from its config, or update it in place (keeping its UUID)."""
-    from . import vm
+    """Create a VM from its config, or update it in place (keeping its UUID): `ozone apply`
+    of one file."""
+    from . import converge
 
     cfg = load(config)
     with (
@@ -158,11 +159,11 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
             advance,
         ),
     ):
-        result = vm.define(conn, cfg, report=report, progress=advance)
+        result = converge.define(conn, cfg, report=report, progress=advance)
     if as_json:
         output.emit_json(result.__dict__)
         return
-    verb = "Defined" if result.created else "Updated"
+    verb = "Defined" if result.created else "Updated" if result.changed else "Unchanged:"
     output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
     for made in result.images_made:
         output.info(f"made {made}")

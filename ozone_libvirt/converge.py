@@ -112,10 +112,8 @@ def held_state(dom: libvirt.virDomain, *, local: bool) -> Held | None:
     running = bool(call(dom.isActive, name=name))
     live = parse_metadata(_xml(dom, 0)) if running else None
     missing: tuple[str, ...] = ()
-    if local:
-        missing = tuple(
-            u.path.name for u in dx.files_of(inactive) if u.role == "disk" and not u.path.exists()
-        )
+    if local:  # a file the definition names is gone: define makes what it can again
+        missing = tuple(str(u.path) for u in dx.files_of(inactive) if not u.path.exists())
     return Held(
         name,
         ours=True,
@@ -189,9 +187,12 @@ def execute(
             return StepResult(step.name, step.action, False, "failed", error=err)
 
     results: dict[str, StepResult] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         for result in pool.map(run, todo):
             results[result.name] = result
+    finally:  # Ctrl-C: no step that has not begun begins; those under way end
+        pool.shutdown(wait=True, cancel_futures=True)
     return [
         results.get(s.name) or StepResult(s.name, s.action, True, "nothing") for s in the_plan.steps
     ]
@@ -220,12 +221,8 @@ def _carry_out(
         vm.undefine(conn, step.name)
         return StepResult(step.name, step.action, True, "undefined")
     assert config is not None
-    defined = None
-    if step.define:
-        say("defining")
-        defined = vm.define(conn, config, report=say)
+    defined = carry_out_define(conn, step, config, report=say) if step.define else None
     if step.action == "change" and step.running:
-        _apply_live(conn, step.name)
         return StepResult(step.name, step.action, True, "changed live", define=defined)
     if step.action == "restart-needed" and restart:
         say("stopping")
@@ -235,6 +232,57 @@ def _carry_out(
         return StepResult(step.name, step.action, True, "restarted", define=defined)
     done = "defined" if step.action == "create" else "redefined" if defined else "nothing"
     return StepResult(step.name, step.action, True, done, define=defined)
+
+
+def carry_out_define(
+    conn: libvirt.virConnect,
+    step: Step,
+    config: VMConfig,
+    *,
+    report: Callable[[str], None] = lambda _text: None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DefineResult:
+    """Define the VM of a planned step; a running VM whose change needs no restart takes it."""
+    from . import vm
+
+    report("defining")
+    result = vm.define(conn, config, report=report, progress=progress)
+    if step.action == "change" and step.running:
+        _apply_live(conn, step.name)
+        result.restart_needed = False
+    return result
+
+
+def define(
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    *,
+    report: Callable[[str], None] = lambda _text: None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DefineResult:
+    """`ozone define`: apply of one config. Defined when new or changed; else left as it is
+    (its definition byte for byte), and the result says so (``changed`` false)."""
+    from . import vm
+    from .connection import is_local
+    from .plan import plan_one
+
+    dom = vm.find(conn, config.name)
+    held = held_state(dom, local=is_local(conn)) if dom is not None else None
+    step = plan_one(desired(config), held)
+    if step.define:
+        return carry_out_define(conn, step, config, report=report, progress=progress)
+    assert dom is not None
+    meta = vm.metadata(dom)
+    assert meta is not None
+    return vm.DefineResult(
+        name=config.name,
+        uuid=dom.UUIDString(),
+        created=False,
+        qmp=meta.qmp,
+        restart_needed=step.action == "restart-needed",
+        forwards=[str(f) for f in meta.forwards],
+        changed=False,
+    )
 
 
 def _apply_live(conn: libvirt.virConnect, name: str) -> None:

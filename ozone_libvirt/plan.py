@@ -91,7 +91,7 @@ class Plan:
 
     def summary(self) -> str:
         """``plan: 1 to create, 1 to change (restart needed), 3 unchanged``"""
-        words = {
+        words: dict[Action, str] = {
             "create": "to create",
             "change": "to change",
             "restart-needed": "to change (restart needed)",

@@ -64,6 +64,7 @@ class DefineResult:
     restart_needed: bool = False  # the domain runs: changes apply at its next start
     notes: list[str] = field(default_factory=list)  # things the user should know
     forwards: list[str] = field(default_factory=list)  # PROTO:HOST:PORT:GUESTPORT
+    changed: bool = True  # False: the definition already matched the config, left alone
 
 
 @dataclass
