@@ -531,7 +531,7 @@ def has_agent_channel(xml: str) -> bool:
 # what libvirt adds to a domain by itself (addresses, default controllers and devices, the
 # CPU model TCG runs): `ozone diff` leaves these out where the config's XML has none
 _LIBVIRT_ADDS = frozenset(
-    {"address", "alias", "audio", "controller", "cpu", "emulator", "input", "log", "mac",
+    {"address", "alias", "audio", "boot", "controller", "cpu", "emulator", "input", "log", "mac",
      "memballoon", "model", "resource", "uuid"}
 )  # fmt: skip
 

@@ -177,3 +177,20 @@ def test_diff_of_a_vm_that_does_not_exist(vms):
         f"error: no VM named {name!r}",
         f"hint: `ozone apply {path}` creates it",
     ]
+
+
+@pytest.mark.guest
+def test_define_is_apply_of_one_file(vms):
+    name, path = vms.config()
+    first = run_ozone("define", str(path), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["changed"] is True
+    before = held(name)
+    again = run_ozone("define", str(path))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"Unchanged: {name} ("), again.stdout
+    assert held(name) == before
+    edit(path, vcpus=2)
+    changed = json.loads(run_ozone("define", str(path), "--json").stdout)
+    assert (changed["changed"], changed["created"]) == (True, False)
+    assert "<vcpu placement='static'>2</vcpu>" in held(name)
