@@ -61,7 +61,8 @@ class Field:
 
     @property
     def description(self) -> str:
-        return self.doc or self.title
+        more = self.doc or self.expected
+        return f"{self.title}: {more}" if more else self.title
 
 
 def keys(fields: tuple[Field, ...]) -> tuple[str, ...]:
@@ -173,7 +174,9 @@ def _list(
     key: str, title: str, of: Field, *, what: str, doc: str = "", max_items: int = MAX_LIST,
     check: str | None = None,
 ) -> Field:  # fmt: skip
-    return Field(key, "list", title, doc, of=of, max_items=max_items, what=what, check=check)
+    return Field(
+        key, "list", title, doc, default=(), of=of, max_items=max_items, what=what, check=check
+    )
 
 
 def _strings(
@@ -201,7 +204,7 @@ SSH_KEYS = _strings(
 )  # fmt: skip
 
 DISK = Field(
-    "disk", "object", "a disk: a path, or an object", check="disk",
+    "disk", "object", "a disk (a path, or an object)", check="disk",
     short={"type": "string", "minLength": 1, "maxLength": MAX_PATH_CHARS, "pattern": _PATH},
     fields=(
         Field("path", "path", "the disk image", required=True,
@@ -228,7 +231,7 @@ NETWORK = Field(
               "required for network and bridge, refused for user and none",
               pattern=IFNAME, expected="a network or bridge name"),
         Field("model", "choice", "the NIC model", default="virtio", choices=NIC_MODELS),
-        Field("mac", "string", "the MAC address", "default: libvirt picks one",
+        Field("mac", "string", "the MAC address", default_doc="libvirt picks one",
               pattern=MAC, expected="a MAC address like 52:54:00:12:34:56"),
     ),
 )  # fmt: skip
@@ -290,7 +293,8 @@ IMAGE = Field(
         Field("debian", "string", "a Debian suite to build the image from", pattern=SUITE,
               expected="a Debian suite like bookworm or trixie"),
         PACKAGES,
-        Field("mirror", "string", "the Debian mirror", "default: deb.debian.org", pattern=URL,
+        Field("mirror", "string", "the Debian mirror", default_doc="`http://deb.debian.org/debian`",
+              pattern=URL,
               expected="a Debian mirror URL like http://deb.debian.org/debian"),
         Field("url", "string", "where to download the image", pattern=URL,
               expected="an http://, https:// or file:// URL"),
@@ -301,13 +305,13 @@ IMAGE = Field(
         Field("checksum_url", "string", "a checksum file published beside the image",
               pattern=URL, expected="an http://, https:// or file:// URL"),
         Field("name", "choice", "a catalogue image", choices=tuple(CATALOGUE)),
-        Field("size", "size", "the boot disk's size", "default: the image's", low=GiB,
+        Field("size", "size", "the boot disk's size", default_doc="the image's", low=GiB,
               high=64 * TiB),
     ),
 )  # fmt: skip
 
 CLOUD_USER = Field(
-    "user", "object", "a user: a name, or an object", check="cloud_user",
+    "user", "object", "a user (a name, or an object)", check="cloud_user",
     short={"type": "string", "pattern": _js(USER)},
     fields=(
         Field("name", "string", "the user name", required=True,
@@ -350,7 +354,7 @@ CLOUD_INIT = Field(
     check="cloud_init",
     fields=(
         Field("hostname", "string", "the guest's host name", pattern=HOST_LABEL,
-              expected="a host name", check="hostname"),
+              expected="a host name", check="hostname", doc="1-63 letters, digits and `-`"),
         USERS,
         SSH_KEYS,
         PACKAGES,
@@ -379,6 +383,15 @@ SHARES = _list(
     max_items=MAX_SHARES, check="shares",
 )  # fmt: skip
 
+BOOT = Field(
+    "boot", "list", "boot order", check="boot",
+    doc="from `cdrom`, `disk`, `network`; default: the cdrom first if there is one, like "
+    "Ozone's `-boot d`, then the disk",
+    of=Field("device", "choice", "a boot device", choices=BOOT_DEVICES),
+    max_items=len(BOOT_DEVICES), what="boot devices",
+    short={"type": "string", "enum": list(BOOT_DEVICES)}, json_extra={"minItems": 1},
+)  # fmt: skip
+
 TOP = (
     Field("name", "string", "the libvirt domain name", required=True,
           missing="every VM needs a name", hint='e.g. "name": "web"', pattern=NAME,
@@ -400,13 +413,10 @@ TOP = (
     Field("cmdline", "text", "the kernel command line", doc="needs `kernel`"),
     IMAGE,
     CLOUD_INIT,
-    _list("boot", "boot order", Field("device", "choice", "a boot device", choices=BOOT_DEVICES),
-          what="boot devices", max_items=len(BOOT_DEVICES), check="boot",
-          doc="from `cdrom`, `disk`, `network`; default: the cdrom first if there is one, "
-          "like Ozone's `-boot d`, then the disk"),
+    BOOT,
     Field("serial_log", "path", "the file that receives the serial console",
           default_doc="libvirt's log folder",
-          doc="default: `/var/log/libvirt/qemu/NAME-serial.log`"),
+          doc="by default `/var/log/libvirt/qemu/NAME-serial.log`"),
     _bool("agent", "the QEMU guest agent channel", True, "`org.qemu.guest_agent.0`"),
     NETWORK,
     QMP,
@@ -456,15 +466,14 @@ def _kind_schema(f: Field) -> dict[str, Any]:
         "properties": properties,
         **({"required": required} if required else {}),
         "additionalProperties": False,
-        **(f.json_extra or {}),
     }
 
 
 def _field_schema(f: Field) -> dict[str, Any]:
     out: dict[str, Any] = {"title": f.title, "description": f.description}
     if f.default is not None:
-        out["default"] = f.default
-    body = {k: v for k, v in _kind_schema(f).items() if v is not None}
+        out["default"] = list(f.default) if isinstance(f.default, tuple) else f.default
+    body = {k: v for k, v in _kind_schema(f).items() if v is not None} | dict(f.json_extra or {})
     return out | ({"anyOf": [f.short, body]} if f.short is not None else body)
 
 
@@ -506,7 +515,7 @@ def _type_doc(f: Field) -> str:
         return f"size {format_size(f.low)}-{format_size(f.high)}"
     if f.kind == "list":
         assert f.of is not None
-        return f"list of {_type_doc(f.of)}" if not f.of.fields else f"list of {f.of.key}s"
+        return f"list of {_type_doc(f.of) if f.of.kind == 'choice' else f.what}"
     if f.kind == "object":
         return "string or object" if f.short is not None else "object"
     return {"guest_dir": "guest folder", "text": "text"}.get(f.kind, f.kind)
@@ -517,8 +526,6 @@ def _default_doc(f: Field) -> str:
         return "required"
     if f.default_doc is not None:
         return f.default_doc
-    if f.kind == "list":
-        return "`[]`" if f.key != "boot" else "see meaning"
     if f.default is None:
         return "none"
     return f"`{json.dumps(f.default).strip(chr(34))}`"
@@ -527,7 +534,7 @@ def _default_doc(f: Field) -> str:
 def _table(fields: tuple[Field, ...], prefix: str = "") -> list[str]:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in fields:
-        meaning = f.title + (f": {f.doc}" if f.doc else "")
+        meaning = f.description.replace("|", "\\|")  # not a column
         rows.append(f"| `{prefix}{f.key}` | {_type_doc(f)} | {_default_doc(f)} | {meaning} |")
     return rows
 
@@ -554,8 +561,7 @@ def reference_markdown() -> str:
         *_table(TOP),
     ]
     for where, obj in _sections(TOP, ""):
-        form = f" ({obj.title})" if obj.short is not None else ""
-        lines += ["", f"`{where}`{form}:", "", *_table(obj.fields, where + ".")]
+        lines += ["", f"`{where}`: {obj.title}", "", *_table(obj.fields, where + ".")]
     return "\n".join([*lines, END])
 
 
