@@ -853,6 +853,17 @@ class _Checker:
         """``data[key]`` checked as the table says for that key of ``section``."""
         return self.value(schema.field(section, key), data[key], f"{where}.{key}")
 
+    def once_each(
+        self, values: list[Any], where: str, key: str, repeated: Callable[[Any, int], str]
+    ) -> None:
+        """Each of ``values`` (the ``key`` of each item of the list at ``where``) once: a
+        repeat fails, saying ``repeated(value, index of its first place)``."""
+        first: dict[Any, int] = {}
+        for i, value in enumerate(values):
+            if value in first:
+                raise self.fail(f"{where}[{i}].{key}", repeated(value, first[value]))
+            first[value] = i
+
     def items(self, value: object, where: str, what: str, limit: int = MAX_LIST) -> list[Any]:
         if not isinstance(value, list):
             raise self.fail(where, f"expected a list of {what}, got {_describe(value)}")
@@ -864,11 +875,8 @@ class _Checker:
 
     def disks(self, value: object, where: str) -> tuple[Disk, ...]:
         disks: tuple[Disk, ...] = self.each(schema.DISKS, value, where)
-        seen: dict[Path, int] = {}
-        for i, disk in enumerate(disks):
-            if disk.path in seen:
-                raise self.fail(f"{where}[{i}].path", f"the same image as disks[{seen[disk.path]}]")
-            seen[disk.path] = i
+        paths = [disk.path for disk in disks]
+        self.once_each(paths, where, "path", lambda _, j: f"the same image as disks[{j}]")
         return disks
 
     def disk(self, value: object, where: str) -> Disk:
@@ -1079,12 +1087,12 @@ class _Checker:
 
     def shares(self, value: object, where: str) -> tuple[Share, ...]:
         shares: tuple[Share, ...] = self.each(schema.SHARES, value, where)
-        for i, share in enumerate(shares):
-            for j, earlier in enumerate(shares[:i]):
-                if share.guest == earlier.guest:
-                    raise self.fail(
-                        f"{where}[{i}].guest", f"{share.guest} is already shares[{j}]'s folder"
-                    )
+        self.once_each(
+            [share.guest for share in shares],
+            where,
+            "guest",
+            lambda guest, j: f"{guest} is already shares[{j}]'s folder",
+        )
         return shares
 
     def packages(self, value: object, where: str) -> tuple[str, ...]:
@@ -1161,11 +1169,8 @@ class _Checker:
 
     def users(self, value: object, where: str) -> tuple[CloudUser, ...]:
         users: tuple[CloudUser, ...] = self.each(schema.USERS, value, where)
-        seen: dict[str, int] = {}
-        for i, user in enumerate(users):
-            if user.name in seen:
-                raise self.fail(f"{where}[{i}].name", f"{user.name!r} is listed twice")
-            seen[user.name] = i
+        names = [user.name for user in users]
+        self.once_each(names, where, "name", lambda name, _: f"{name!r} is listed twice")
         return users
 
     def cloud_user(self, value: object, where: str) -> CloudUser:
