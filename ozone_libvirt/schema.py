@@ -10,6 +10,7 @@ Regenerate the README section with ``make readme``.
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from collections.abc import Mapping
@@ -497,7 +498,8 @@ def json_schema() -> dict[str, Any]:
     """The config's JSON Schema (draft 2020-12). What it accepts, the checker accepts too,
     but for what JSON Schema cannot say (tests/test_schema.py lists it): files and networks
     on the host, the range of a size written as a string, most rules relating two fields."""
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **_field_schema(CONFIG)}
+    document = {"$schema": "https://json-schema.org/draft/2020-12/schema", **_field_schema(CONFIG)}
+    return copy.deepcopy(document)  # the caller's own: it shares no dict with the table
 
 
 # --- the README's config reference ---------------------------------------------------------

@@ -8,6 +8,7 @@ listed in CHECKER_ONLY, each with why."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -54,6 +55,15 @@ def test_the_json_schema_is_a_valid_draft_2020_12_schema():
     jsonschema.Draft202012Validator.check_schema(document)
     assert document["required"] == ["name"]  # memory has a default (512MiB), as in the checker
     assert document["additionalProperties"] is False
+    assert json.loads(json.dumps(document)) == document  # plain JSON data
+
+
+def test_python_m_ozone_libvirt_schema_prints_the_json_schema():
+    proc = subprocess.run(
+        [sys.executable, "-m", "ozone_libvirt.schema", "--json"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )  # fmt: skip
+    assert json.loads(proc.stdout) == schema.json_schema()
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.name for p in EXAMPLES])
