@@ -544,7 +544,7 @@ def _table(fields: tuple[Field, ...], prefix: str = "") -> list[str]:
     return rows
 
 
-def _sections(fields: tuple[Field, ...], path: str) -> list[tuple[str, Field]]:
+def sections(fields: tuple[Field, ...], path: str) -> list[tuple[str, Field]]:
     """The objects under ``fields``, depth first, with their field paths."""
     found: list[tuple[str, Field]] = []
     for f in fields:
@@ -553,7 +553,7 @@ def _sections(fields: tuple[Field, ...], path: str) -> list[tuple[str, Field]]:
             continue
         where = f"{path}{f.key}" + ("[]" if f.kind == "list" else "")
         found.append((where, obj))
-        found += _sections(obj.fields, where + ".")
+        found += sections(obj.fields, where + ".")
     return found
 
 
@@ -565,7 +565,7 @@ def reference_markdown() -> str:
         "",
         *_table(TOP),
     ]
-    for where, obj in _sections(TOP, ""):
+    for where, obj in sections(TOP, ""):
         lines += ["", f"`{where}`: {obj.title}", "", *_table(obj.fields, where + ".")]
     return "\n".join([*lines, END])
 

@@ -338,7 +338,7 @@ def checker_keys(where: str) -> set[str]:
 
 
 def test_every_object_of_the_schema_is_probed():
-    assert set(LEVELS) == {"", *(where for where, _ in schema._sections(schema.TOP, ""))}
+    assert set(LEVELS) == {"", *(where for where, _ in schema.sections(schema.TOP, ""))}
 
 
 @pytest.mark.parametrize("where", LEVELS)
