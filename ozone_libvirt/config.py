@@ -91,16 +91,8 @@ MAX_LIST = schema.MAX_LIST
 # QEMU runs as an unprivileged user: it cannot listen below Linux's default
 # net.ipv4.ip_unprivileged_port_start
 LOWEST_HOST_PORT = 1024
-# a guest folder a share is mounted on: it becomes a systemd mount unit's Where= and an fstab
-# field, where spaces, commas and backslashes would need escaping
-# folders a share must not be mounted on (it would hide them in the guest)
-_SYSTEM_FOLDER_LIST = (
-    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
-    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp",
-    "/usr", "/var", "/usr/local", "/var/lib", "/var/log", "/var/tmp",
-)  # fmt: skip
-_SYSTEM_FOLDERS = frozenset(_SYSTEM_FOLDER_LIST)
-_GUEST_MOUNT_RE = re.compile(r"\A(?:/[A-Za-z0-9_.@+-]+)+\Z")
+_SYSTEM_FOLDERS = frozenset(schema.SYSTEM_FOLDERS)
+_GUEST_MOUNT_RE = re.compile(schema.GUEST_MOUNT)
 
 
 @dataclass(frozen=True)

@@ -97,6 +97,15 @@ SSH_KEY = r"\A(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+(?: [ -~]*)?\Z"
 MODE = r"\A0?[0-7]{3,4}\Z"
 OWNER = r"\A[a-z_][a-z0-9_-]{0,31}(?::[a-z_][a-z0-9_-]{0,31})?\Z"
 URL = r"\A(?:https?|file)://[!-~]+\Z"
+# a guest folder a share is mounted on (once normalised): it becomes a systemd mount unit's
+# Where= and an fstab field, where spaces, commas and backslashes would need escaping
+GUEST_MOUNT = r"\A(?:/[A-Za-z0-9_.@+-]+)+\Z"
+# folders a share must not be mounted on (it would hide them in the guest)
+SYSTEM_FOLDERS = (
+    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp",
+    "/usr", "/var", "/usr/local", "/var/lib", "/var/log", "/var/tmp",
+)  # fmt: skip
 
 # Bounds the checker and the schema share
 MIN_MEMORY = 32 * MiB
@@ -119,14 +128,18 @@ GRAPHICS = ("none", "vnc")
 
 # --- JSON Schema forms of what the checker's code decides --------------------------------
 
-_CONTROLS = r"\x00-\x1f\x7f-\x9f"  # a one-line string holds none (the checker refuses them)
+# what no string holds (as the checker says, but for lone surrogates, which JSON text and
+# ECMA 262 regexes treat apart); free text may hold tabs and line breaks
+_NONCHARS = r"\x7f-\x9f\ufffe\uffff"
+_CONTROLS = f"\\x00-\\x1f{_NONCHARS}"
 _LINE = f"^[^{_CONTROLS}]*$"
-_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]*$"  # free text: tabs and line breaks too
+_TEXT = f"^[^\\x00-\\x08\\x0b\\x0c\\x0e-\\x1f{_NONCHARS}]*$"
 _PATH = f"^[^{_CONTROLS}]*[^\\s{_CONTROLS}][^{_CONTROLS}]*$"  # not blank
 _GUEST_DIR = f"^/[^{_CONTROLS}]*[^/.\\s{_CONTROLS}][^{_CONTROLS}]*$"  # absolute, not / itself
-# A number of MiB, or a number with a unit. The checker takes any decimal that comes to a
-# whole number of bytes; the schema takes eighths (.5, .25, .125, ...), which always do
+# A number of MiB, or a string: a number with a unit. The checker takes any decimal that comes
+# to a whole number of bytes; the schema takes eighths (.5, .25, .125, ...), which always do
 # (except in bytes), so whatever it accepts the checker parses ("1.1MiB" fails both).
+_EIGHTH = 0.125
 _SIZE = (
     r"^ *[0-9]{1,20}(?:\.(?:0|5|25|75|125|375|625|875)0{0,17})? *(?:[KkMmGgTt](?:[Ii]?[Bb])?)? *$"
     r"|^ *[0-9]{1,20}(?:\.0{1,20})? *[Bb] *$"
@@ -160,6 +173,13 @@ def _forward(host: str) -> str:
     return f"\\A(?:(?:tcp|udp):)?(?:{host}:)?{_HOST_PORT}:{_PORT}\\Z"
 
 
+# a share's guest folder, as the checker takes it once normalised: no . or .. parts, not
+# under /proc, /sys, /dev, not a system folder
+_SHARE_GUEST = {
+    "pattern": "^(?!/(?:proc|sys|dev)(?:/|$))(?:/(?!\\.\\.?(?:/|$))[A-Za-z0-9_.@+-]+)+$",
+    "maxLength": 255,
+    "not": {"enum": list(SYSTEM_FOLDERS)},
+}
 _ALLOW_REMOTE = {"properties": {"allow_remote": {"const": True}}, "required": ["allow_remote"]}
 _OFF = {"enum": [False, None]}
 
@@ -278,7 +298,8 @@ SHARE = Field(
               missing="e.g. {host: ./src, guest: /srv/src, readonly: true}"),
         Field("guest", "guest_dir", "the guest folder it is mounted on",
               "not a system folder such as /etc or /usr", required=True,
-              missing="e.g. {host: ./src, guest: /srv/src, readonly: true}"),
+              missing="e.g. {host: ./src, guest: /srv/src, readonly: true}",
+              json_extra=_SHARE_GUEST),
         _bool("readonly", "mount it read-only", False),
     ),
 )  # fmt: skip
@@ -464,9 +485,14 @@ def _kind_schema(f: Field) -> dict[str, Any]:
         return {"type": "string", "enum": list(f.choices)}
     if f.kind == "size":
         assert f.low is not None and f.high is not None
-        # integers are MiB; the pattern applies to strings only, the bounds to numbers only
-        low, high = -(-f.low // MiB), f.high // MiB
-        return {"type": ["integer", "string"], "minimum": low, "maximum": high, "pattern": _SIZE}
+        # numbers are MiB; the pattern applies to strings only, the bounds to numbers only
+        return {
+            "type": ["number", "string"],
+            "minimum": -(-f.low // MiB),  # rounded up: never below the checker
+            "maximum": f.high // MiB,
+            "multipleOf": _EIGHTH,
+            "pattern": _SIZE,
+        }
     if f.kind == "path":
         return {"type": "string", "minLength": 1, "maxLength": MAX_PATH_CHARS, "pattern": _PATH}
     if f.kind == "guest_dir":

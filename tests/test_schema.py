@@ -78,6 +78,7 @@ GOOD = [
     config({"memory": 2048, "vcpus": 4, "accel": "tcg", "graphics": "vnc", "agent": False}),
     config({"memory": "1.5GiB", "machine": "pc", "description": "two\nlines"}),
     config({"memory": "100 MiB", "boot": "disk"}),
+    config({"memory": 256.5, "disks": [{"path": "a.qcow2", "size": 1.25}]}),
     config({"memory": "2GB", "boot": ["cdrom", "disk", "network"]}),
     config({"disks": ["a.qcow2", {"path": "b.img", "format": "raw", "bus": "sata"}]}),
     config({"disks": [{"path": "o.qcow2", "backing": "base.qcow2", "readonly": True}]}),
@@ -200,6 +201,12 @@ BAD = [
     ("port-unknown-key", config({"ports": [{"forward": "8080:80", "allow": True}]})),
     ("share-no-guest", config({"shares": [{"host": "src"}]})),
     ("share-guest-relative", config({"shares": [{"host": "src", "guest": "srv"}]})),
+    ("share-on-a-system-folder", config({"shares": [{"host": "a", "guest": "/etc"}]})),
+    ("share-under-proc", config({"shares": [{"host": "a", "guest": "/proc/x"}]})),
+    ("share-dot-dot", config({"shares": [{"host": "a", "guest": "/srv/../etc"}]})),
+    ("share-space-in-guest", config({"shares": [{"host": "a", "guest": "/srv/my site"}]})),
+    ("size-number-not-whole-bytes", config({"memory": 256.1})),
+    ("path-non-character", config({"cdrom": "x\uffff.iso"})),
     ("share-unknown-key", config({"shares": [{"host": "s", "guest": "/srv/s", "rw": True}]})),
     ("image-not-in-catalogue", config({"image": "debian-99"})),
     ("image-bad-suite", config({"image": {"debian": "Bookworm"}})),
@@ -263,7 +270,6 @@ CHECKER_ONLY = [
     ("user-twice", config({"cloud_init": {"users": ["dev", "dev"]}})),
     ("share-guest-twice", config({"shares": [{"host": "a", "guest": "/srv/a"}] * 2})),
     # values the checker examines beyond a pattern
-    ("share-on-a-system-folder", config({"shares": [{"host": "a", "guest": "/etc"}]})),
     ("port-address-not-ipv4", config({"ports": ["127.0.0.999:8080:80"]})),
 ]
 
