@@ -450,6 +450,9 @@ TOP = (
     SHARES,
 )  # fmt: skip
 
+_USER_NETWORK = {
+    "anyOf": [{"const": "user"}, {"type": "object", "properties": {"type": {"const": "user"}}}]
+}
 CONFIG = Field(
     "config", "object", "ozone VM config",
     "one VM: a libvirt domain declared in JSON or YAML; relative paths are relative to the "
@@ -458,6 +461,9 @@ CONFIG = Field(
     json_extra={
         # direct kernel boot: the initrd and command line go with a kernel
         "dependentRequired": {"initrd": ["kernel"], "cmdline": ["kernel"]},
+        # ports are forwarded by QEMU's user networking: none on another network
+        "if": {"required": ["network"], "properties": {"network": {"not": _USER_NETWORK}}},
+        "then": {"properties": {"ports": {"maxItems": 0}}},
         # something to boot from (disks, then, not empty)
         "anyOf": [
             {"required": ["image"]},

@@ -16,6 +16,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from hypothesis import given
 
 from ozone_libvirt import schema
 from ozone_libvirt.config import parse_config, parse_size, read_config_data
@@ -23,6 +24,7 @@ from ozone_libvirt.errors import ConfigError
 
 from .conftest import REPO
 from .test_bad_config import CASES
+from .test_config_fuzz import FUZZ, documents
 
 EXAMPLES = sorted(p for p in (REPO / "examples").iterdir() if p.suffix in (".json", ".yaml"))
 VALIDATOR = jsonschema.Draft202012Validator(schema.json_schema())
@@ -94,6 +96,8 @@ GOOD = [
     config({"qmp": {"endpoint": "tcp:0.0.0.0:4444", "allow_remote": True}}),
     config({"ports": ["8080:80", 2222, "udp:5353:53", "127.0.0.1:8443:443"]}),
     config({"ports": [{"forward": "0.0.0.0:8080:80", "allow_remote": True}]}),
+    config({"network": {"model": "e1000"}, "ports": ["8080:80"]}),
+    config({"network": "bridge:br0", "ports": []}),
     config({"shares": [{"host": "src", "guest": "/srv/src", "readonly": True}]}),
     config({"stage_dir": "/var/tmp/ozone", "serial_log": "web.log"}),
     config({"disks": None, "cdrom": None, "image": "debian-12"}),
@@ -207,6 +211,8 @@ BAD = [
     ("share-space-in-guest", config({"shares": [{"host": "a", "guest": "/srv/my site"}]})),
     ("size-number-not-whole-bytes", config({"memory": 256.1})),
     ("path-non-character", config({"cdrom": "x\uffff.iso"})),
+    ("ports-on-a-bridge", config({"network": "bridge:br0", "ports": ["8080:80"]})),
+    ("ports-without-network", config({"network": {"type": "none"}, "ports": [8080]})),
     ("share-unknown-key", config({"shares": [{"host": "s", "guest": "/srv/s", "rw": True}]})),
     ("image-not-in-catalogue", config({"image": "debian-99"})),
     ("image-bad-suite", config({"image": {"debian": "Bookworm"}})),
@@ -261,7 +267,6 @@ CHECKER_ONLY = [
     ("backing-needs-qcow2", config({"disks": [{"path": "o", "backing": "b", "format": "raw"}]})),
     ("same-disk-twice", config({"disks": ["a.qcow2", "./a.qcow2"]})),
     ("boot-disk-without-disks", config({"disks": None, "boot": ["disk"]})),
-    ("ports-on-a-bridge", config({"network": "bridge:br0", "ports": ["8080:80"]})),
     ("same-host-port-twice", config({"ports": ["8080:80", "8080:81"]})),
     ("network-source-for-user", config({"network": {"type": "user", "source": "br0"}})),
     ("network-bridge-without-source", config({"network": {"type": "bridge"}})),
@@ -278,6 +283,29 @@ CHECKER_ONLY = [
 def test_what_the_schema_cannot_say_is_left_to_the_checker(data):
     assert not checker_accepts(data)
     assert VALIDATOR.is_valid(data)
+
+
+# what the checker says of the configs in CHECKER_ONLY
+CHECKER_ONLY_MESSAGES = (
+    "must be between", "whole number of KiB", "boots from", "a backing image needs",
+    "the same image as", "is already forwarded", "takes no source", "needs its name",
+    "takes no checksum", "needs exactly one of sha256", "is listed twice", "is already shares[",
+    "is not an IPv4 address",
+)  # fmt: skip
+
+
+@FUZZ
+@given(documents())
+def test_the_schema_and_the_checker_agree_on_the_fuzz_corpus(document):
+    """test_config_fuzz's documents: the checker accepts what the schema accepts (but for
+    CHECKER_ONLY's rules), and the schema what the checker accepts."""
+    try:
+        parse_config(document)
+    except ConfigError as err:
+        if VALIDATOR.is_valid(document):
+            assert any(words in str(err) for words in CHECKER_ONLY_MESSAGES), err
+    else:
+        assert not list(VALIDATOR.iter_errors(document))
 
 
 def test_a_fraction_of_a_byte_is_an_error():
