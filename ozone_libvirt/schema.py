@@ -406,9 +406,9 @@ SHARES = _list(
 )  # fmt: skip
 
 BOOT = Field(
-    "boot", "list", "boot order", check="boot",
-    doc="from `cdrom`, `disk`, `network`; default: the cdrom first if there is one, like "
-    "Ozone's `-boot d`, then the disk",
+    "boot", "list", "boot order", check="boot", default_doc="the cdrom, then the disk",
+    doc="from `cdrom`, `disk`, `network`; by default the cdrom first if there is one (like "
+    "Ozone's `-boot d`), then the disk if there is one",
     of=Field("device", "choice", "a boot device", choices=BOOT_DEVICES),
     max_items=len(BOOT_DEVICES), what="boot devices",
     short={"type": "string", "enum": list(BOOT_DEVICES)}, json_extra={"minItems": 1},
