@@ -413,3 +413,11 @@ def test_the_schema_module_is_cheap_to_import():
     code = "import sys, ozone_libvirt.schema; print(sorted({'libvirt', 'yaml', 'lxml', 'ozone_libvirt.config'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_ozone_schema_prints_it():
+    from .conftest import run_ozone
+
+    proc = run_ozone("schema")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == schema.json_schema()
