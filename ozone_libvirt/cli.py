@@ -1212,14 +1212,13 @@ def apply(
     from .plan import describe
 
     configs = converge.load(targets)
-    records = {c.name: converge.desired(c).record for c in configs.configs}
     with connection() as conn:
         the_plan = converge.make_plan(conn, configs, prune=prune)
         width = max((len(s.name) for s in the_plan.steps), default=0)
         if not as_json:
             output.emit(the_plan.summary())
             for step in the_plan.steps:
-                output.emit(describe(step, records.get(step.name), width))
+                output.emit(describe(step, width))
         go = the_plan.changes_anything and (yes or _confirmed("apply this plan?", as_json))
         results = []
         if go:
@@ -1239,7 +1238,9 @@ def apply(
     else:
         for result in failed:
             assert result.error is not None
-            output.error(result.error, as_json=False)
+            output.info(f"error: {result.name}: {result.error.message}")
+            if result.error.hint:
+                output.info(f"hint: {result.error.hint}")
         for result in results:
             if result.action == "restart-needed" and result.done != "restarted" and result.ok:
                 output.info(f"{result.name}: takes the change at its next start (--restart: now)")

@@ -283,6 +283,10 @@ def build_domain(
         )
     if qemu_args:
         root.append(Q.commandline(*(Q.arg(value=a) for a in qemu_args)))
+    # what `ozone apply` compares to find a definition ozone would now write otherwise (the
+    # host or ozone changed) under an unchanged config
+    digest = hashlib.sha256(etree.tostring(root, encoding="utf-8")).hexdigest()
+    meta.append(O("xml-hash", f"sha256:{digest}"))
     return root
 
 

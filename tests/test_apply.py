@@ -147,7 +147,10 @@ def test_one_failing_step_among_several(vms, workdir):
     assert domain_exists(good1) and domain_exists(good2)
     proc = run_ozone("apply", str(folder), "--yes")
     assert proc.returncode == 1
-    assert "error: a domain named" in proc.stderr and "applied: 0 changed, 1 failed" in proc.stderr
+    assert (
+        f"error: {taken}: a domain named" in proc.stderr
+        and "applied: 0 changed, 1 failed" in proc.stderr
+    )
 
 
 def test_a_bad_config_in_the_folder_changes_nothing(vms, workdir):

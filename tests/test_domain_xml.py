@@ -102,6 +102,7 @@ def test_qmp_passthrough_and_metadata():
         qmp_endpoint=TCP_4444,
         stage_dir="/srv/stage",
         config=meta.config,
+        xml_hash=meta.xml_hash,
     )
     record = json.loads(meta.config)  # what `ozone apply` compares, field by field
     assert (record["name"], record["cdrom"], record["stage_dir"]) == (
