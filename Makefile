@@ -15,7 +15,7 @@ OZONE_ACCEL ?= tcg
 export OZONE_ACCEL
 export LIBVIRT_DEFAULT_URI ?= qemu:///system
 
-.PHONY: setup setup-test guest demo test unit lint xml clean-demo bench chaos
+.PHONY: setup setup-test guest demo test unit lint xml readme clean-demo bench chaos
 
 setup:
 	@scripts/setup-host
@@ -54,6 +54,10 @@ lint: setup
 # regenerate the golden domain XML in xml/ from examples/ (then review the diff)
 xml: setup
 	@$(PY) -m pytest -q tests/test_golden.py --regenerate-output
+
+# regenerate README.md's config reference from ozone_libvirt/schema.py (then review the diff)
+readme: setup
+	@$(PY) -m ozone_libvirt.schema --update-readme README.md
 
 clean-demo:
 	-@$(OZONE) destroy demo >/dev/null 2>&1

@@ -148,8 +148,9 @@ def progress(text: str, as_json: bool) -> contextlib.AbstractContextManager[None
 @app.command()
 @handles_errors
 def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
-    """Create a VM from its config, or update it in place (keeping its UUID)."""
-    from . import vm
+    """Create a VM from its config, or update it in place (keeping its UUID): `ozone apply`
+    of one file."""
+    from . import converge
 
     cfg = load(config)
     with (
@@ -159,11 +160,11 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
             advance,
         ),
     ):
-        result = vm.define(conn, cfg, report=report, progress=advance)
+        result = converge.define(conn, cfg, report=report, progress=advance)
     if as_json:
         output.emit_json(result)
         return
-    verb = "Defined" if result.created else "Updated"
+    verb = "Defined" if result.created else "Updated" if result.changed else "Unchanged:"
     output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
     for made in result.images_made:
         output.info(f"made {made}")
@@ -1190,14 +1191,13 @@ def apply(
     from .plan import describe
 
     configs = converge.load(targets)
-    records = {c.name: converge.desired(c).record for c in configs.configs}
     with connection() as conn:
         the_plan = converge.make_plan(conn, configs, prune=prune)
         width = max((len(s.name) for s in the_plan.steps), default=0)
         if not as_json:
             output.emit(the_plan.summary())
             for step in the_plan.steps:
-                output.emit(describe(step, records.get(step.name), width))
+                output.emit(describe(step, width))
         go = the_plan.changes_anything and (yes or _confirmed("apply this plan?", as_json))
         results = []
         if go:
@@ -1217,7 +1217,9 @@ def apply(
     else:
         for result in failed:
             assert result.error is not None
-            output.error(result.error, as_json=False)
+            output.info(f"error: {result.name}: {result.error.message}")
+            if result.error.hint:
+                output.info(f"hint: {result.error.hint}")
         for result in results:
             if result.action == "restart-needed" and result.done != "restarted" and result.ok:
                 output.info(f"{result.name}: takes the change at its next start (--restart: now)")

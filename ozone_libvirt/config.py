@@ -27,36 +27,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from . import schema
 from .completion import CONFIG_SUFFIXES, config_search_path
 from .errors import ConfigError
 from .metadata import Forward
+from .schema import Field
 from .units import format_size
 
 if TYPE_CHECKING:
     import yaml
 
 
-# Patterns are anchored with \A...\Z and applied with fullmatch, never `$`, which also matches
-# before a trailing newline ("web\n" would pass as a name). Character classes are spelled
-# out in ASCII: \d and \s match other scripts' digits and spaces.
-NAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-MACHINE_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
-MAC_RE = re.compile(r"\A(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z")
-IFNAME_RE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z")
-_HOST_LABEL_RE = re.compile(r"\A[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+# The schema's table (schema.py) declares the keys, kinds, bounds and patterns; the checker
+# compiles the patterns its own code uses. Patterns are anchored with \A...\Z and applied
+# with fullmatch, never `$`, which also matches before a trailing newline.
+NAME_RE = re.compile(schema.NAME)
+SSH_KEY_RE = re.compile(schema.SSH_KEY)
+USER_RE = re.compile(schema.USER)
+_HOST_LABEL_RE = re.compile(schema.HOST_LABEL)
 _PORT_RE = re.compile(r"\A[0-9]{1,5}\Z")
-
-ACCELS = ("auto", "kvm", "tcg")
-BOOT_DEVICES = ("cdrom", "disk", "network")
-DISK_FORMATS = ("qcow2", "raw")
-DISK_BUSES = ("virtio", "sata", "scsi")
-NIC_MODELS = ("virtio", "e1000", "e1000e", "rtl8139")
-GRAPHICS = ("none", "vnc")
-
-MIN_MEMORY = 32 * 1024**2
-MAX_MEMORY = 16 * 1024**4
-MAX_VCPUS = 512
-MAX_DISKS = 20
+BOOT_DEVICES = schema.BOOT_DEVICES
 
 # Bounds on the file itself, checked before anything else looks at its values. A VM config
 # is a few hundred bytes, a few levels deep and a few hundred values (keys count too).
@@ -64,7 +54,7 @@ MAX_FILE_BYTES = 1024**2
 MAX_DEPTH = 32
 MAX_NODES = 10_000
 MAX_NUMBER_CHARS = 40  # longer numbers would hit Python's int-digits limit or overflow
-MAX_PATH_CHARS = 4096  # PATH_MAX
+MAX_PATH_CHARS = schema.MAX_PATH_CHARS
 EXCERPT_CHARS = 40  # errors show at most this much of a value
 
 # libvirt's unit conventions: K/KiB = 1024, KB = 1000 (and so on up).
@@ -85,59 +75,24 @@ _CONTROLS = "\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff\ufffe\uffff"
 _FORBIDDEN_IN_TEXT = re.compile(f"[{_CONTROLS}]")
 _FORBIDDEN_IN_LINE = re.compile(f"[\t\n\r{_CONTROLS}]")
 
-TOP_KEYS = (
-    "name", "description", "memory", "vcpus", "machine", "accel", "disks", "cdrom", "boot",
-    "kernel", "initrd", "cmdline", "serial_log", "agent", "network", "qmp", "graphics",
-    "stage_dir", "image", "cloud_init", "ports", "shares",
-)  # fmt: skip
-DISK_KEYS = ("path", "size", "backing", "format", "bus", "readonly")
-IMAGE_KEYS = (
-    "debian",
-    "packages",
-    "mirror",
-    "url",
-    "sha256",
-    "sha512",
-    "checksum_url",
-    "name",
-    "size",
-)
-CLOUD_INIT_KEYS = (
-    "hostname", "users", "ssh_authorized_keys", "packages", "write_files", "runcmd", "user_data",
-)  # fmt: skip
-CLOUD_USER_KEYS = ("name", "ssh_authorized_keys", "sudo", "lock_passwd", "shell", "groups")
-WRITE_FILE_KEYS = ("path", "content", "permissions", "owner", "append")
-SUITE_RE = re.compile(r"\A[a-z][a-z0-9-]{1,31}\Z")
-PACKAGE_RE = re.compile(r"\A[a-z0-9][a-z0-9+.-]{0,99}\Z")  # a Debian package name
-USER_RE = re.compile(r"\A[a-z_][a-z0-9_-]{0,31}\Z")
-HEX_RE = {
-    "sha256": re.compile(r"\A[0-9a-fA-F]{64}\Z"),
-    "sha512": re.compile(r"\A[0-9a-fA-F]{128}\Z"),
-}
-SSH_KEY_RE = re.compile(r"\A(?:ssh-|ecdsa-|sk-)[A-Za-z0-9@.-]+ [A-Za-z0-9+/=]+(?: [ -~]*)?\Z")
-MODE_RE = re.compile(r"\A0?[0-7]{3,4}\Z")
-OWNER_RE = re.compile(r"\A[a-z_][a-z0-9_-]{0,31}(?::[a-z_][a-z0-9_-]{0,31})?\Z")
-URL_RE = re.compile(r"\A(?:https?|file)://[!-~]+\Z")
-MAX_LIST = 256  # packages, users, files, commands
-NETWORK_KEYS = ("type", "source", "model", "mac")
-QMP_KEYS = ("endpoint", "allow_remote")
-PORT_KEYS = ("forward", "allow_remote")
-SHARE_KEYS = ("host", "guest", "readonly")
-MAX_PORTS = 64
-MAX_SHARES = 16
+# the keys each level of a config takes
+TOP_KEYS = schema.keys(schema.TOP)
+DISK_KEYS = schema.keys(schema.DISK.fields)
+IMAGE_KEYS = schema.keys(schema.IMAGE.fields)
+CLOUD_INIT_KEYS = schema.keys(schema.CLOUD_INIT.fields)
+CLOUD_USER_KEYS = schema.keys(schema.CLOUD_USER.fields)
+WRITE_FILE_KEYS = schema.keys(schema.WRITE_FILE.fields)
+NETWORK_KEYS = schema.keys(schema.NETWORK.fields)
+QMP_KEYS = schema.keys(schema.QMP.fields)
+PORT_KEYS = schema.keys(schema.PORT.fields)
+SHARE_KEYS = schema.keys(schema.SHARE.fields)
+MAX_LIST = schema.MAX_LIST
+
 # QEMU runs as an unprivileged user: it cannot listen below Linux's default
 # net.ipv4.ip_unprivileged_port_start
 LOWEST_HOST_PORT = 1024
-# a guest folder a share is mounted on: it becomes a systemd mount unit's Where= and an fstab
-# field, where spaces, commas and backslashes would need escaping
-# folders a share must not be mounted on (it would hide them in the guest)
-_SYSTEM_FOLDER_LIST = (
-    "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
-    "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp",
-    "/usr", "/var", "/usr/local", "/var/lib", "/var/log", "/var/tmp",
-)  # fmt: skip
-_SYSTEM_FOLDERS = frozenset(_SYSTEM_FOLDER_LIST)
-_GUEST_MOUNT_RE = re.compile(r"\A(?:/[A-Za-z0-9_.@+-]+)+\Z")
+_SYSTEM_FOLDERS = frozenset(schema.SYSTEM_FOLDERS)
+_GUEST_MOUNT_RE = re.compile(schema.GUEST_MOUNT)
 
 
 @dataclass(frozen=True)
@@ -719,7 +674,11 @@ def _yaml_loader() -> type[Any]:
 
 
 class _Checker:
-    """Validates one config document; knows the file name and the base directory."""
+    """Validates one config document; knows the file name and the base directory.
+
+    What each level of a config takes (keys, kinds, bounds, patterns, defaults) comes from
+    the table in :mod:`.schema`; the methods the table names check shorthands and the rules
+    that relate fields, and :meth:`relations` those that relate sections."""
 
     def __init__(self, source: Path | None) -> None:
         self.source = source
@@ -826,30 +785,88 @@ class _Checker:
             )
         return size
 
+    # --- the schema's table --------------------------------------------------------------
+
+    def value(self, f: Field, value: object, where: str) -> Any:
+        """A value checked as the table says: a simple kind here, the rest by its method."""
+        if f.check is not None:
+            return getattr(self, f.check)(value, where)
+        match f.kind:
+            case "string":
+                pattern = re.compile(f.pattern) if f.pattern else None
+                return self.string(value, where, pattern=pattern, expected=f.expected)
+            case "text":
+                return self.string(value, where, multiline=True)
+            case "boolean":
+                return self.boolean(value, where)
+            case "choice":
+                return self.choice(value, where, f.choices)
+            case "path":
+                return self.path(value, where)
+            case "guest_dir":
+                return self.guest_dir(value, where)
+            case "integer" | "size" if f.low is not None and f.high is not None:
+                check = self.integer if f.kind == "integer" else self.size
+                return check(value, where, low=f.low, high=f.high)
+            case "list":
+                return self.each(f, value, where)
+        raise AssertionError(f"the table gives {f.key!r} no check")
+
+    def each(self, f: Field, value: object, where: str) -> tuple[Any, ...]:
+        """A list's items, each checked as the table says."""
+        assert f.of is not None
+        items = self.items(value, where, f.what, f.max_items or MAX_LIST)
+        return tuple(self.value(f.of, v, f"{where}[{i}]") for i, v in enumerate(items))
+
+    def section(self, value: object, fields: tuple[Field, ...], where: str) -> dict[str, Any]:
+        """An object's values as the table says: unknown keys refused (with the closest
+        valid key), required ones there. Absent keys are left to the dataclass's defaults."""
+        data = self.mapping(value, where)
+        self.keys(data, schema.keys(fields), where)
+        for f in fields:
+            if f.required and f.key not in data:
+                raise self.fail(_join(where, f.key), f"missing; {f.missing}", f.hint)
+        return {
+            f.key: self.value(f, data[f.key], _join(where, f.key)) for f in fields if f.key in data
+        }
+
+    def sub(self, section: Field, data: Mapping[object, Any], key: str, where: str) -> Any:
+        """``data[key]`` checked as the table says for that key of ``section``."""
+        return self.value(schema.field(section, key), data[key], f"{where}.{key}")
+
+    def once_each(
+        self, values: list[Any], where: str, key: str, repeated: Callable[[Any, int], str]
+    ) -> None:
+        """Each of ``values`` (the ``key`` of each item of the list at ``where``) once: a
+        repeat fails, saying ``repeated(value, index of its first place)``."""
+        first: dict[Any, int] = {}
+        for i, value in enumerate(values):
+            if value in first:
+                raise self.fail(f"{where}[{i}].{key}", repeated(value, first[value]))
+            first[value] = i
+
+    def items(self, value: object, where: str, what: str, limit: int = MAX_LIST) -> list[Any]:
+        if not isinstance(value, list):
+            raise self.fail(where, f"expected a list of {what}, got {_describe(value)}")
+        if len(value) > limit:
+            raise self.fail(where, f"at most {limit} {what}")
+        return value
+
     # --- sections ------------------------------------------------------------------------
+
+    def disks(self, value: object, where: str) -> tuple[Disk, ...]:
+        disks: tuple[Disk, ...] = self.each(schema.DISKS, value, where)
+        paths = [disk.path for disk in disks]
+        self.once_each(paths, where, "path", lambda _, j: f"the same image as disks[{j}]")
+        return disks
 
     def disk(self, value: object, where: str) -> Disk:
         if isinstance(value, str):
             value = {"path": value}
-        data = self.mapping(value, where)
-        self.keys(data, DISK_KEYS, where)
-        if "path" not in data:
-            raise self.fail(f"{where}.path", "missing; every disk needs a path")
-        fmt = self.choice(data.get("format", "qcow2"), f"{where}.format", DISK_FORMATS)
-        backing = self.path(data["backing"], f"{where}.backing") if "backing" in data else None
-        if backing is not None and fmt != "qcow2":
+        values = self.section(value, schema.DISK.fields, where)
+        if "backing" in values and values.get("format", "qcow2") != "qcow2":
             raise self.fail(f"{where}.backing", "a backing image needs format qcow2")
-        size = None
-        if "size" in data:
-            size = self.size(data["size"], f"{where}.size", low=1024**2, high=64 * 1024**4)
-        return Disk(
-            path=self.path(data["path"], f"{where}.path"),
-            size=size,
-            backing=backing,
-            format=fmt,
-            bus=self.choice(data.get("bus", "virtio"), f"{where}.bus", DISK_BUSES),
-            readonly=self.boolean(data.get("readonly", False), f"{where}.readonly"),
-        )
+        return Disk(**values)
 
     def network(self, value: object, where: str) -> Network:
         if isinstance(value, str):
@@ -857,38 +874,20 @@ class _Checker:
             value = (
                 {"type": kind_text, "source": source_text} if source_text else {"type": kind_text}
             )
-        data = self.mapping(value, where)
-        self.keys(data, NETWORK_KEYS, where)
-        kind = self.choice(
-            data.get("type", "user"), f"{where}.type", ("user", "none", "network", "bridge")
-        )
-        source = None
-        if kind in ("network", "bridge"):
-            if "source" not in data:
-                example = "default" if kind == "network" else "br0"
-                raise self.fail(
-                    f"{where}.source",
-                    f"missing; a {kind} network needs its name",
-                    hint=f'e.g. "network": "{kind}:{example}"',
-                )
-            source = self.string(
-                data["source"],
+        values = self.section(value, schema.NETWORK.fields, where)
+        kind = values.get("type", "user")
+        if kind in ("network", "bridge") and "source" not in values:
+            example = "default" if kind == "network" else "br0"
+            raise self.fail(
                 f"{where}.source",
-                pattern=IFNAME_RE,
-                expected="a network or bridge name",
+                f"missing; a {kind} network needs its name",
+                hint=f'e.g. "network": "{kind}:{example}"',
             )
-        elif "source" in data:
+        if kind in ("user", "none") and "source" in values:
             raise self.fail(f"{where}.source", f"a {kind} network takes no source")
-        mac = None
-        if "mac" in data:
-            mac = self.string(
-                data["mac"],
-                f"{where}.mac",
-                pattern=MAC_RE,
-                expected="a MAC address like 52:54:00:12:34:56",
-            ).lower()
-        model = self.choice(data.get("model", "virtio"), f"{where}.model", NIC_MODELS)
-        return Network(type=kind, source=source, model=model, mac=mac)  # type: ignore[arg-type]
+        if "mac" in values:
+            values["mac"] = values["mac"].lower()
+        return Network(**values)
 
     def qmp(self, value: object, where: str) -> Qmp:
         if isinstance(value, str) or value is None or isinstance(value, bool):
@@ -1012,24 +1011,13 @@ class _Checker:
             )
         return PortForward(protocol, str(address), port, guest, allow_remote)  # type: ignore[arg-type]
 
-    def ports(self, value: object, network: Network) -> tuple[PortForward, ...]:
-        items = self.items(value, "ports", "port forwards")
-        if len(items) > MAX_PORTS:
-            raise self.fail("ports", f"at most {MAX_PORTS} port forwards")
-        if items and network.type != "user":
-            raise self.fail(
-                "ports",
-                f"ports are forwarded by QEMU's user networking; this VM's network is "
-                f"{network.type!r}",
-                hint="on a libvirt network or bridge the guest has its own address "
-                "(`ozone ip NAME`): reach its ports there, or remove ports",
-            )
-        forwards = tuple(self.port(v, f"ports[{i}]") for i, v in enumerate(items))
+    def ports(self, value: object, where: str) -> tuple[PortForward, ...]:
+        forwards: tuple[PortForward, ...] = self.each(schema.PORTS, value, where)
         for i, fwd in enumerate(forwards):
             for j, earlier in enumerate(forwards[:i]):
                 if fwd.forward.overlaps(earlier.forward):
                     raise self.fail(
-                        f"ports[{i}]",
+                        f"{where}[{i}]",
                         f"host port {fwd.port}/{fwd.protocol} is already forwarded by ports[{j}]",
                         hint="each host port forwards to one guest port",
                     )
@@ -1078,37 +1066,18 @@ class _Checker:
             readonly=self.boolean(data.get("readonly", False), f"{where}.readonly"),
         )
 
-    def shares(self, value: object) -> tuple[Share, ...]:
-        items = self.items(value, "shares", "shares")
-        if len(items) > MAX_SHARES:
-            raise self.fail("shares", f"at most {MAX_SHARES} shares")
-        shares = tuple(self.share(v, f"shares[{i}]") for i, v in enumerate(items))
-        for i, share in enumerate(shares):
-            for j, earlier in enumerate(shares[:i]):
-                if share.guest == earlier.guest:
-                    raise self.fail(
-                        f"shares[{i}].guest", f"{share.guest} is already shares[{j}]'s folder"
-                    )
+    def shares(self, value: object, where: str) -> tuple[Share, ...]:
+        shares: tuple[Share, ...] = self.each(schema.SHARES, value, where)
+        self.once_each(
+            [share.guest for share in shares],
+            where,
+            "guest",
+            lambda guest, j: f"{guest} is already shares[{j}]'s folder",
+        )
         return shares
 
-    def items(self, value: object, where: str, what: str) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(where, f"expected a list of {what}, got {_describe(value)}")
-        if len(value) > MAX_LIST:
-            raise self.fail(where, f"at most {MAX_LIST} {what}")
-        return value
-
     def packages(self, value: object, where: str) -> tuple[str, ...]:
-        names = [
-            self.string(v, f"{where}[{i}]", pattern=PACKAGE_RE, expected="a Debian package name")
-            for i, v in enumerate(self.items(value, where, "package names"))
-        ]
-        return tuple(dict.fromkeys(names))
-
-    def url(self, value: object, where: str) -> str:
-        return self.string(
-            value, where, pattern=URL_RE, expected="an http://, https:// or file:// URL"
-        )
+        return tuple(dict.fromkeys(self.each(schema.PACKAGES, value, where)))
 
     def image(self, value: object, where: str) -> Image:
         from .catalogue import CATALOGUE
@@ -1126,26 +1095,20 @@ class _Checker:
                 hint='e.g. "image": {"debian": "bookworm"}, "image": "debian-12" or '
                 '"image": {"url": "https://...", "sha512": "..."}',
             )
+        image = schema.IMAGE
         opt: dict[str, Any] = {}
         if "size" in data:
-            opt["size"] = self.size(data["size"], f"{where}.size", low=1024**3, high=64 * 1024**4)
+            opt["size"] = self.sub(image, data, "size", where)
         if "debian" in data:
             for key in ("sha256", "sha512", "checksum_url"):
                 if key in data:
                     raise self.fail(
                         f"{where}.{key}", "an image built from packages takes no checksum"
                     )
-            suite = self.string(
-                data["debian"], f"{where}.debian", pattern=SUITE_RE,
-                expected="a Debian suite like bookworm or trixie",
-            )  # fmt: skip
-            if "packages" in data:
-                opt["packages"] = self.packages(data["packages"], f"{where}.packages")
-            if "mirror" in data:
-                opt["mirror"] = self.string(
-                    data["mirror"], f"{where}.mirror", pattern=URL_RE,
-                    expected="a Debian mirror URL like http://deb.debian.org/debian",
-                )  # fmt: skip
+            suite = self.sub(image, data, "debian", where)
+            for key in ("packages", "mirror"):
+                if key in data:
+                    opt[key] = self.sub(image, data, key, where)
             return Image(debian=suite, **opt)
         for key in ("packages", "mirror"):
             if key in data:
@@ -1153,11 +1116,8 @@ class _Checker:
                     f"{where}.{key}", "only an image built from packages (debian) takes it"
                 )
         if "name" in data:
-            name = self.choice(
-                data["name"],
-                f"{where}.name" if isinstance(value, dict) and len(data) > 1 else where,
-                tuple(CATALOGUE),
-            )
+            name_where = f"{where}.name" if isinstance(value, dict) and len(data) > 1 else where
+            name = self.value(schema.field(image, "name"), data["name"], name_where)
             for key in ("url", "sha256", "sha512", "checksum_url"):
                 if key in data:
                     raise self.fail(
@@ -1165,7 +1125,7 @@ class _Checker:
                     )
             entry = CATALOGUE[name]
             return Image(name=name, url=entry.url, checksum_url=entry.checksum_url, **opt)
-        url = self.url(data["url"], f"{where}.url")
+        url = self.sub(image, data, "url", where)
         sums = [k for k in ("sha256", "sha512", "checksum_url") if k in data]
         if len(sums) != 1:
             raise self.fail(
@@ -1175,14 +1135,8 @@ class _Checker:
                 hint="ozone verifies every download before it enters the image store",
             )
         key = sums[0]
-        if key == "checksum_url":
-            opt[key] = self.url(data[key], f"{where}.{key}")
-        else:
-            digits = 64 if key == "sha256" else 128
-            opt[key] = self.string(
-                data[key], f"{where}.{key}", pattern=HEX_RE[key],
-                expected=f"{digits} hexadecimal digits",
-            ).lower()  # fmt: skip
+        checksum = self.sub(image, data, key, where)
+        opt[key] = checksum if key == "checksum_url" else checksum.lower()
         return Image(url=url, **opt)
 
     def one_line(self, value: object, where: str, expected: str) -> str:
@@ -1192,62 +1146,24 @@ class _Checker:
         return text
 
     def ssh_keys(self, value: object, where: str) -> tuple[str, ...]:
-        return tuple(
-            self.string(
-                v, f"{where}[{i}]", pattern=SSH_KEY_RE,
-                expected="an ssh public key line like 'ssh-ed25519 AAAA... comment'",
-            ).strip()
-            for i, v in enumerate(self.items(value, where, "ssh public keys"))
-        )  # fmt: skip
+        return tuple(key.strip() for key in self.each(schema.SSH_KEYS, value, where))
+
+    def users(self, value: object, where: str) -> tuple[CloudUser, ...]:
+        users: tuple[CloudUser, ...] = self.each(schema.USERS, value, where)
+        names = [user.name for user in users]
+        self.once_each(names, where, "name", lambda name, _: f"{name!r} is listed twice")
+        return users
 
     def cloud_user(self, value: object, where: str) -> CloudUser:
         if isinstance(value, str):
             value = {"name": value}
-        data = self.mapping(value, where)
-        self.keys(data, CLOUD_USER_KEYS, where)
-        if "name" not in data:
-            raise self.fail(f"{where}.name", "missing; every user needs a name")
-        user_expected = "a user name like dev (lower case letters, digits, '_', '-')"
-        opt: dict[str, Any] = {}
-        if "ssh_authorized_keys" in data:
-            opt["ssh_authorized_keys"] = self.ssh_keys(
-                data["ssh_authorized_keys"], f"{where}.ssh_authorized_keys"
-            )
-        for key in ("sudo", "lock_passwd"):
-            if key in data:
-                opt[key] = self.boolean(data[key], f"{where}.{key}")
-        if "shell" in data:
-            opt["shell"] = self.guest_dir(data["shell"], f"{where}.shell")
-        if "groups" in data:
-            opt["groups"] = tuple(
-                self.string(g, f"{where}.groups[{i}]", pattern=USER_RE, expected="a group name")
-                for i, g in enumerate(self.items(data["groups"], f"{where}.groups", "groups"))
-            )
-        name = self.string(data["name"], f"{where}.name", pattern=USER_RE, expected=user_expected)
-        return CloudUser(name=name, **opt)
+        return CloudUser(**self.section(value, schema.CLOUD_USER.fields, where))
 
     def write_file(self, value: object, where: str) -> WriteFile:
-        data = self.mapping(value, where)
-        self.keys(data, WRITE_FILE_KEYS, where)
-        for key in ("path", "content"):
-            if key not in data:
-                raise self.fail(f"{where}.{key}", f"missing; every file needs a {key}")
-        path = self.guest_dir(data["path"], f"{where}.path")
-        content = self.string(data["content"], f"{where}.content", multiline=True)
-        opt: dict[str, Any] = {}
-        if "permissions" in data:
-            mode = data["permissions"]
-            opt["permissions"] = self.string(
-                mode, f"{where}.permissions", pattern=MODE_RE,
-                expected='an octal mode in quotes like "0644"',
-            ).rjust(4, "0")  # fmt: skip
-        if "owner" in data:
-            opt["owner"] = self.string(
-                data["owner"], f"{where}.owner", pattern=OWNER_RE, expected="USER or USER:GROUP"
-            )
-        if "append" in data:
-            opt["append"] = self.boolean(data["append"], f"{where}.append")
-        return WriteFile(path=path, content=content, **opt)
+        values = self.section(value, schema.WRITE_FILE.fields, where)
+        if "permissions" in values:
+            values["permissions"] = values["permissions"].rjust(4, "0")
+        return WriteFile(**values)
 
     def command(self, value: object, where: str) -> str | tuple[str, ...]:
         if isinstance(value, str):
@@ -1260,50 +1176,16 @@ class _Checker:
             for i, a in enumerate(args)
         )
 
+    def hostname(self, value: object, where: str) -> str:
+        host = self.string(value, where, expected="a host name")
+        if len(host) > 63 or not _HOST_LABEL_RE.fullmatch(host):
+            raise self.fail(
+                where, f"{_show(host)} is not a host name; expected 1-63 letters, digits and '-'"
+            )
+        return host
+
     def cloud_init(self, value: object, where: str) -> CloudInit:
-        data = self.mapping(value, where)
-        self.keys(data, CLOUD_INIT_KEYS, where)
-        opt: dict[str, Any] = {}
-        if "hostname" in data:
-            host = self.string(data["hostname"], f"{where}.hostname", expected="a host name")
-            if len(host) > 63 or not _HOST_LABEL_RE.fullmatch(host):
-                raise self.fail(
-                    f"{where}.hostname",
-                    f"{_show(host)} is not a host name; expected 1-63 letters, digits and '-'",
-                )
-            opt["hostname"] = host
-        if "users" in data:
-            users = tuple(
-                self.cloud_user(u, f"{where}.users[{i}]")
-                for i, u in enumerate(self.items(data["users"], f"{where}.users", "users"))
-            )
-            seen: dict[str, int] = {}
-            for i, user in enumerate(users):
-                if user.name in seen:
-                    raise self.fail(f"{where}.users[{i}].name", f"{user.name!r} is listed twice")
-                seen[user.name] = i
-            opt["users"] = users
-        if "ssh_authorized_keys" in data:
-            opt["ssh_authorized_keys"] = self.ssh_keys(
-                data["ssh_authorized_keys"], f"{where}.ssh_authorized_keys"
-            )
-        if "packages" in data:
-            opt["packages"] = self.packages(data["packages"], f"{where}.packages")
-        if "write_files" in data:
-            opt["write_files"] = tuple(
-                self.write_file(f, f"{where}.write_files[{i}]")
-                for i, f in enumerate(
-                    self.items(data["write_files"], f"{where}.write_files", "files")
-                )
-            )
-        if "runcmd" in data:
-            opt["runcmd"] = tuple(
-                self.command(c, f"{where}.runcmd[{i}]")
-                for i, c in enumerate(self.items(data["runcmd"], f"{where}.runcmd", "commands"))
-            )
-        if "user_data" in data:
-            opt["user_data"] = self.path(data["user_data"], f"{where}.user_data")
-        return CloudInit(**opt)
+        return CloudInit(**self.section(value, schema.CLOUD_INIT.fields, where))
 
     def config(self, raw: object) -> VMConfig:
         if not isinstance(raw, dict):
@@ -1321,101 +1203,59 @@ class _Checker:
                 "not a VM config: none of its keys is a config key",
                 hint="a VM config has keys like name, memory, disks and cdrom",
             )
-        self.keys(data, TOP_KEYS, "")
-        if "name" not in data:
-            raise self.fail("name", "missing; every VM needs a name", hint='e.g. "name": "web"')
-        name = self.string(
-            data["name"],
-            "name",
-            pattern=NAME_RE,
-            expected="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
-        )
-        opt: dict[str, Any] = {}
-        if "description" in data:
-            opt["description"] = self.string(data["description"], "description", multiline=True)
-        memory = self.size(data.get("memory", 512), "memory", low=MIN_MEMORY, high=MAX_MEMORY)
-        if memory % 1024:
+        values = self.section(data, schema.TOP, "")
+        if "memory" not in values:
+            values["memory"] = self.value(schema.MEMORY, schema.MEMORY.default, "memory")
+        self.relations(values)
+        return VMConfig(**values, source=self.source)
+
+    def relations(self, values: dict[str, Any]) -> None:
+        """The rules that relate fields to each other (the table checks each alone); fills
+        in the boot order, whose default depends on them."""
+        if values["memory"] % 1024:
             raise self.fail("memory", "must be a whole number of KiB")
-        if "vcpus" in data:
-            opt["vcpus"] = self.integer(data["vcpus"], "vcpus", low=1, high=MAX_VCPUS)
-        if "machine" in data:
-            opt["machine"] = self.string(
-                data["machine"],
-                "machine",
-                pattern=MACHINE_RE,
-                expected="a QEMU machine type like q35 or pc",
-            )
-        if "accel" in data:
-            opt["accel"] = self.choice(data["accel"], "accel", ACCELS)
-        disks_raw = data.get("disks", [])
-        if not isinstance(disks_raw, list):
-            raise self.fail("disks", f"expected a list of disks, got {_describe(disks_raw)}")
-        if len(disks_raw) > MAX_DISKS:
-            raise self.fail("disks", f"at most {MAX_DISKS} disks")
-        disks = tuple(self.disk(d, f"disks[{i}]") for i, d in enumerate(disks_raw))
-        seen: dict[Path, int] = {}
-        for i, disk in enumerate(disks):
-            if disk.path in seen:
-                raise self.fail(f"disks[{i}].path", f"the same image as disks[{seen[disk.path]}]")
-            seen[disk.path] = i
-        cdrom = self.path(data["cdrom"], "cdrom") if "cdrom" in data else None
-        for key in ("kernel", "initrd"):
-            if key in data:
-                opt[key] = self.path(data[key], key)
-        if "cmdline" in data:
-            opt["cmdline"] = self.string(data["cmdline"], "cmdline", multiline=True)
         for key in ("initrd", "cmdline"):
-            if key in data and "kernel" not in data:
+            if key in values and "kernel" not in values:
                 raise self.fail(key, 'needs a kernel; add "kernel": "path/to/vmlinuz"')
-        if "image" in data:
-            opt["image"] = self.image(data["image"], "image")
-        if "cloud_init" in data:
-            opt["cloud_init"] = self.cloud_init(data["cloud_init"], "cloud_init")
-        has_image = "image" in opt
-        boot = self.boot(data.get("boot"), cdrom=cdrom is not None, disks=bool(disks) or has_image)
-        if not disks and cdrom is None and "kernel" not in data and not has_image:
+        cdrom, disks = "cdrom" in values, bool(values.get("disks")) or "image" in values
+        if "boot" in values:
+            for i, dev in enumerate(values["boot"]):
+                if dev == "cdrom" and not cdrom:
+                    raise self.fail(f"boot[{i}]", "boots from cdrom but no cdrom is configured")
+                if dev == "disk" and not disks:
+                    raise self.fail(f"boot[{i}]", "boots from disk but no disks are configured")
+        else:
+            values["boot"] = (("cdrom",) if cdrom else ()) + (("disk",) if disks else ())
+        if not disks and not cdrom and "kernel" not in values:
             raise self.fail(
                 "disks", "nothing to boot from: give an image, disks, a cdrom or a kernel"
             )
-        if "serial_log" in data:
-            opt["serial_log"] = self.path(data["serial_log"], "serial_log")
-        if "agent" in data:
-            opt["agent"] = self.boolean(data["agent"], "agent")
-        if "network" in data:
-            opt["network"] = self.network(data["network"], "network")
-        if "qmp" in data:
-            opt["qmp"] = self.qmp(data["qmp"], "qmp")
-        if "graphics" in data:
-            opt["graphics"] = self.choice(data["graphics"], "graphics", GRAPHICS)
-        if "stage_dir" in data:
-            opt["stage_dir"] = self.guest_dir(data["stage_dir"], "stage_dir")
-        if "ports" in data:
-            opt["ports"] = self.ports(data["ports"], opt.get("network", Network()))
-        if "shares" in data:
-            opt["shares"] = self.shares(data["shares"])
-        return VMConfig(
-            name=name, memory=memory, disks=disks, cdrom=cdrom, boot=boot, source=self.source, **opt
-        )
+        network = values.get("network", Network())
+        if values.get("ports") and network.type != "user":
+            raise self.fail(
+                "ports",
+                f"ports are forwarded by QEMU's user networking; this VM's network is "
+                f"{network.type!r}",
+                hint="on a libvirt network or bridge the guest has its own address "
+                "(`ozone ip NAME`): reach its ports there, or remove ports",
+            )
 
-    def boot(self, value: object, *, cdrom: bool, disks: bool) -> tuple[str, ...]:
-        if value is None:
-            order = (("cdrom",) if cdrom else ()) + (("disk",) if disks else ())
-            return order
+    def boot(self, value: object, where: str) -> tuple[str, ...]:
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not value:
             raise self.fail(
-                "boot", f'expected a list like ["cdrom", "disk"], got {_describe(value)}'
+                where, f'expected a list like ["cdrom", "disk"], got {_describe(value)}'
             )
-        order = tuple(self.choice(v, f"boot[{i}]", BOOT_DEVICES) for i, v in enumerate(value))
+        order = tuple(self.choice(v, f"{where}[{i}]", BOOT_DEVICES) for i, v in enumerate(value))
         for i, dev in enumerate(order):
             if order.index(dev) != i:
-                raise self.fail(f"boot[{i}]", f"{dev!r} is listed twice")
-            if dev == "cdrom" and not cdrom:
-                raise self.fail(f"boot[{i}]", "boots from cdrom but no cdrom is configured")
-            if dev == "disk" and not disks:
-                raise self.fail(f"boot[{i}]", "boots from disk but no disks are configured")
+                raise self.fail(f"{where}[{i}]", f"{dev!r} is listed twice")
         return order
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
 
 
 def _is_host(host: str) -> bool:

@@ -9,6 +9,8 @@ stopped without ``restart``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,14 +20,14 @@ from typing import TYPE_CHECKING
 import libvirt
 
 from . import domain_xml as dx
-from .connection import call, if_exists
+from .connection import call, if_exists, lookup
 from .errors import ConfigError, NotFoundError, OzoneError, StateError
 from .metadata import OZONE_NS, OZONE_PREFIX, parse_metadata
 from .plan import Desired, Held, Plan, Step, parse_record, plan
 
 if TYPE_CHECKING:
     from .config import VMConfig
-    from .vm import DefineResult
+    from .vm import DefineResult, Neighbours
 
 Report = Callable[[str, str], None]  # (VM name, what happens)
 
@@ -51,19 +53,26 @@ def load(targets: Sequence[str]) -> Configs:
     for target in targets:
         folder = Path(target).expanduser()
         if folder.is_dir():
-            found = sorted(p for p in folder.iterdir() if p.suffix in CONFIG_SUFFIXES)
+            try:
+                found = sorted(
+                    p
+                    for p in folder.iterdir()
+                    if p.suffix in CONFIG_SUFFIXES and not p.name.startswith(".")
+                )
+            except OSError as err:
+                raise ConfigError(f"cannot read the folder {target}: {err.strerror}") from None
             if not found:
                 raise ConfigError(
                     f"no config in {target} (looked for *.json, *.yaml, *.yml)",
                     hint="pass a folder of VM configs, a config file or a config name",
                 )
             paths += [p.absolute() for p in found]
-            folders.append(str(folder.absolute()))
+            folders.append(os.path.realpath(folder))
         else:
             paths.append(find_config(target))
     configs: list[VMConfig] = []
     seen: dict[str, Path] = {}
-    for path in dict.fromkeys(paths):  # a file named twice is read once
+    for path in {os.path.realpath(p): p for p in paths}.values():  # one file, read once
         config = load_config(path)
         if config.name in seen:
             raise ConfigError(
@@ -77,15 +86,27 @@ def load(targets: Sequence[str]) -> Configs:
     return Configs(tuple(configs), tuple(folders))
 
 
-def desired(config: VMConfig) -> Desired:
-    """What the planner compares: the config as define resolves it (its image and seed)."""
+def desired(
+    config: VMConfig,
+    conn: libvirt.virConnect | None = None,
+    around: Neighbours | None = None,
+) -> Desired:
+    """What the planner compares: the config as define resolves it (its image and seed) and,
+    given what the other VMs on the host hold (``around``), the digest of the definition a
+    define would write now."""
     from .images import resolve
     from .ssh import vm_public_key
 
     key = vm_public_key(config.name, create=False) if config.uses_cloud_init else None
     resolved = resolve(config, vm_key=key).config
     source = str(config.source) if config.source else None
-    return Desired(config.name, source, resolved.hash, dx.config_record(resolved))
+    xml_hash = None
+    if conn is not None and around is not None:
+        from .vm import desired_xml
+
+        meta = parse_metadata(desired_xml(conn, config, around=around.without(config.name)))
+        xml_hash = meta.xml_hash if meta else None
+    return Desired(config.name, source, resolved.hash, dx.config_record(resolved), xml_hash)
 
 
 # --- what libvirt holds --------------------------------------------------------------------
@@ -94,6 +115,13 @@ def desired(config: VMConfig) -> Desired:
 def _xml(dom: libvirt.virDomain, flags: int) -> str | None:
     xml = if_exists(dom.XMLDesc, flags, name=dom.name())
     return None if xml is None else str(xml)  # (None: undefined meanwhile)
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except OSError:  # not ours to look into (another user's folder): taken as there
+        return True
 
 
 def held_state(dom: libvirt.virDomain, *, local: bool) -> Held | None:
@@ -108,35 +136,49 @@ def held_state(dom: libvirt.virDomain, *, local: bool) -> Held | None:
     running = bool(call(dom.isActive, name=name))
     live = parse_metadata(_xml(dom, 0)) if running else None
     missing: tuple[str, ...] = ()
-    if local:
-        missing = tuple(
-            u.path.name for u in dx.files_of(inactive) if u.role == "disk" and not u.path.exists()
-        )
+    if local:  # a file the definition names is gone: define makes what it can again
+        missing = tuple(str(u.path) for u in dx.files_of(inactive) if not _exists(u.path))
+    keeps = []
+    if call(dom.hasManagedSaveImage, 0, name=name):
+        keeps.append("saved state")
+    if call(dom.snapshotNum, 0, name=name):
+        keeps.append("snapshots")
+    folder = os.path.realpath(os.path.dirname(meta.source)) if meta.source else None
     return Held(
         name,
         ours=True,
         running=running,
         hash=meta.hash,
         record=parse_record(meta.config),
+        xml_hash=meta.xml_hash,
         live_hash=live.hash if live else None,
         live_record=parse_record(live.config) if live else None,
+        live_xml_hash=live.xml_hash if live else None,
         source=meta.source,
+        source_dir=folder,
         missing=missing,
+        keeps=tuple(keeps),
     )
 
 
 def make_plan(conn: libvirt.virConnect, configs: Configs, *, prune: bool = False) -> Plan:
+    """Ask libvirt what it holds for each config's VM (and, with ``prune``, for every ozone
+    VM defined from an applied folder) and plan. For a VM that exists the planner also
+    learns the definition a define would write now (see :data:`.plan.DRIFT`)."""
+    from . import vm
     from .connection import is_local
 
     local = is_local(conn)
-    wanted = [desired(c) for c in configs.configs]
-    names = {d.name for d in wanted}
+    names = {c.name for c in configs.configs}
     held: dict[str, Held] = {}
     for dom in call(conn.listAllDomains, 0):
-        if dom.name() in names or prune:
+        # `ozone run`'s throwaway VMs are transient: never planned, never pruned
+        if dom.name() in names or (prune and call(dom.isPersistent, name=dom.name())):
             state = held_state(dom, local=local)
             if state is not None:
                 held[state.name] = state
+    around = vm.neighbours(conn, local=local) if held else None
+    wanted = [desired(c, conn, around if c.name in held else None) for c in configs.configs]
     return plan(wanted, held, prune_in=configs.folders if prune else ())
 
 
@@ -183,11 +225,17 @@ def execute(
             )
         except OzoneError as err:
             return StepResult(step.name, step.action, False, "failed", error=err)
+        except Exception as err:  # one step's surprise is its own failure, not the others'
+            failure = OzoneError(f"{type(err).__name__}: {err}")
+            return StepResult(step.name, step.action, False, "failed", error=failure)
 
     results: dict[str, StepResult] = {}
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         for result in pool.map(run, todo):
             results[result.name] = result
+    finally:  # Ctrl-C: no step that has not begun begins; those under way end
+        pool.shutdown(wait=True, cancel_futures=True)
     return [
         results.get(s.name) or StepResult(s.name, s.action, True, "nothing") for s in the_plan.steps
     ]
@@ -204,6 +252,11 @@ def _carry_out(
     from . import vm
 
     if step.action == "prune":
+        if "would lose" in step.reason:
+            raise StateError(
+                f"{step.name} not pruned: {step.reason.partition('; it has ')[2]}",
+                hint=f"`ozone undefine {step.name}` removes it with them",
+            )
         if step.running and not restart:
             raise StateError(
                 f"{step.name} is running: not pruned",
@@ -216,14 +269,12 @@ def _carry_out(
         vm.undefine(conn, step.name)
         return StepResult(step.name, step.action, True, "undefined")
     assert config is not None
-    defined = None
-    if step.define:
-        say("defining")
-        defined = vm.define(conn, config, report=say)
+    defined = carry_out_define(conn, step, config, report=say) if step.define else None
     if step.action == "change" and step.running:
-        _apply_live(conn, step.name)
         return StepResult(step.name, step.action, True, "changed live", define=defined)
     if step.action == "restart-needed" and restart:
+        if not vm.is_active(lookup(conn, step.name)):  # stopped meanwhile: left so
+            return StepResult(step.name, step.action, True, "redefined", define=defined)
         say("stopping")
         vm.stop(conn, step.name, timeout=stop_timeout)
         say("starting")
@@ -231,6 +282,59 @@ def _carry_out(
         return StepResult(step.name, step.action, True, "restarted", define=defined)
     done = "defined" if step.action == "create" else "redefined" if defined else "nothing"
     return StepResult(step.name, step.action, True, done, define=defined)
+
+
+def carry_out_define(
+    conn: libvirt.virConnect,
+    step: Step,
+    config: VMConfig,
+    *,
+    report: Callable[[str], None] = lambda _text: None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DefineResult:
+    """Define the VM of a planned step; a running VM whose change needs no restart takes it."""
+    from . import vm
+
+    report("defining")
+    result = vm.define(conn, config, report=report, progress=progress)
+    if step.action == "change" and step.running:
+        _apply_live(conn, step.name)
+        result = dataclasses.replace(result, restart_needed=False)
+    return result
+
+
+def define(
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    *,
+    report: Callable[[str], None] = lambda _text: None,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> DefineResult:
+    """`ozone define`: apply of one config. Defined when new or changed; else left as it is
+    (its definition byte for byte), and the result says so (``changed`` false)."""
+    from . import vm
+    from .connection import is_local
+    from .plan import plan_one
+
+    local = is_local(conn)
+    dom = vm.find(conn, config.name)
+    held = held_state(dom, local=local) if dom is not None else None
+    around = vm.neighbours(conn, local=local) if held is not None and held.ours else None
+    step = plan_one(desired(config, conn, around), held)
+    if step.define:
+        return carry_out_define(conn, step, config, report=report, progress=progress)
+    assert dom is not None
+    meta = vm.metadata(dom)
+    assert meta is not None
+    return vm.DefineResult(
+        name=config.name,
+        uuid=dom.UUIDString(),
+        created=False,
+        qmp=meta.qmp,
+        restart_needed=step.action == "restart-needed",
+        forwards=tuple(str(f) for f in meta.forwards),
+        changed=False,
+    )
 
 
 def _apply_live(conn: libvirt.virConnect, name: str) -> None:
@@ -274,21 +378,20 @@ def diff(conn: libvirt.virConnect, target: str) -> str:
     makes (``target``: a config name or path, or a VM name, whose config is the file it was
     defined from)."""
     from . import vm
+    from .completion import CONFIG_SUFFIXES
     from .config import find_config, load_config
 
-    try:
-        path = find_config(target)
-    except ConfigError:
-        dom = vm.find(conn, target)
-        meta = vm.metadata(dom) if dom is not None else None
-        if meta is None or meta.source is None:
-            raise
+    dom = None if "/" in target or target.endswith(CONFIG_SUFFIXES) else vm.find(conn, target)
+    meta = vm.metadata(dom) if dom is not None else None
+    if meta is not None and meta.source is not None:  # a VM: the file it was defined from
         path = Path(meta.source)
         if not path.is_file():
             raise ConfigError(
                 f"{target} was defined from {path}, which is gone",
                 hint="pass the config to compare with: `ozone diff PATH`",
-            ) from None
+            )
+    else:
+        path = find_config(target)
     config = load_config(path)
     if vm.find(conn, config.name) is None:
         raise NotFoundError(f"no VM named {config.name!r}", hint=f"`ozone apply {path}` creates it")
@@ -301,7 +404,6 @@ def diff(conn: libvirt.virConnect, target: str) -> str:
 
 def to_json(the_plan: Plan, results: Sequence[StepResult], *, applied: bool) -> dict[str, object]:
     """`ozone apply --json`: the plan, whether it was applied, and each step's result."""
-    import dataclasses
 
     def step(s: Step) -> dict[str, object]:
         return {

@@ -327,7 +327,19 @@ def build_domain(
         )
     if qemu_args:
         root.append(Q.commandline(*(Q.arg(value=a) for a in qemu_args)))
+    # what `ozone apply` compares to find a definition ozone would now write otherwise (the
+    # host or ozone changed) under an unchanged config
+    meta.append(O("xml-hash", definition_digest(root)))
     return root
+
+
+def definition_digest(root: etree._Element) -> str:
+    """The digest of a definition ozone writes, without its UUID (libvirt picks one for a
+    new VM, which redefines keep)."""
+    copy = etree.fromstring(etree.tostring(root))
+    for element in copy.findall("uuid"):
+        copy.remove(element)
+    return "sha256:" + hashlib.sha256(etree.tostring(copy, encoding="utf-8")).hexdigest()
 
 
 def _forward_element(forward: Forward) -> etree._Element:
@@ -575,15 +587,33 @@ def has_agent_channel(xml: str) -> bool:
 # what libvirt adds to a domain by itself (addresses, default controllers and devices, the
 # CPU model TCG runs): `ozone diff` leaves these out where the config's XML has none
 _LIBVIRT_ADDS = frozenset(
-    {"address", "alias", "audio", "controller", "cpu", "emulator", "input", "log", "mac",
-     "memballoon", "model", "resource", "uuid"}
+    {"address", "alias", "audio", "boot", "controller", "cpu", "emulator", "input", "listen",
+     "log", "mac", "memballoon", "model", "resource", "uuid", "video"}
 )  # fmt: skip
+
+
+def _key(element: etree._Element, ordinal: int) -> tuple[object, ...]:
+    """How a child pairs with its counterpart: controllers by type and index, any other
+    element by its tag and place among its kind."""
+    if element.tag == "controller":
+        return ("controller", element.get("type"), element.get("index"))
+    return (element.tag, ordinal)
+
+
+def _keyed(parent: etree._Element) -> dict[tuple[object, ...], etree._Element]:
+    counts: dict[object, int] = {}
+    keyed = {}
+    for child in parent:
+        if isinstance(child.tag, str):
+            counts[child.tag] = counts.get(child.tag, -1) + 1
+            keyed[_key(child, counts[child.tag])] = child
+    return keyed
 
 
 def _project(held: etree._Element, ours: etree._Element) -> None:
     """Strip from ``held`` what libvirt added to ``ours``: attributes ours lacks, and child
-    elements of a kind libvirt adds where ours has none of that kind. Children of one kind
-    pair up in order; held's extra ones (a device added with `virsh edit`) stay."""
+    elements of a kind libvirt adds that have no counterpart in ours. held's other extra
+    children (a device added with `virsh edit`) stay."""
     for key in [k for k in held.attrib if k not in ours.attrib]:
         del held.attrib[key]
     machine, wanted = held.get("machine"), ours.get("machine")
@@ -591,18 +621,15 @@ def _project(held: etree._Element, ours: etree._Element) -> None:
         held.set("machine", wanted)  # libvirt names the versioned machine type: q35 → pc-q35-7.2
     if wanted == "pc" and machine and machine.startswith("pc-i440fx-"):
         held.set("machine", wanted)
-    mine: dict[str, list[etree._Element]] = {}
-    for child in ours:
-        mine.setdefault(str(child.tag), []).append(child)
-    seen: dict[str, int] = {}
     for child in list(held):
-        tag = str(child.tag)
-        if not isinstance(child.tag, str) or (tag not in mine and tag in _LIBVIRT_ADDS):
+        if not isinstance(child.tag, str):
             held.remove(child)
-            continue
-        index = seen[tag] = seen.get(tag, -1) + 1
-        if index < len(mine.get(tag, ())):
-            _project(child, mine[tag][index])
+    mine = _keyed(ours)
+    for key, child in _keyed(held).items():
+        if key in mine:
+            _project(child, mine[key])
+        elif str(child.tag) in _LIBVIRT_ADDS:
+            held.remove(child)
 
 
 def _canonical(root: etree._Element) -> str:

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 OZONE_NS = "https://ozone-vm.dev/xmlns/libvirt-domain/1"
 OZONE_PREFIX = "ozone"
-_FIELDS = ("source", "hash", "qmp", "stage-dir", "cloud-init", "ssh-user", "config")
+_FIELDS = ("source", "hash", "qmp", "stage-dir", "cloud-init", "ssh-user", "config", "xml-hash")
 
 
 class OzoneMetadata(NamedTuple):
@@ -22,6 +22,7 @@ class OzoneMetadata(NamedTuple):
     forwards: tuple[Forward, ...] = ()  # host ports QEMU forwards to the guest
     ssh_user: str | None = None  # who `ozone ssh` logs in as (None: root)
     config: str | None = None  # the normalised config, as JSON (what `ozone apply` compares)
+    xml_hash: str | None = None  # of the definition ozone wrote (without this element)
 
     @property
     def qmp(self) -> str | None:
@@ -93,6 +94,7 @@ def parse_metadata(xml: str | bytes | None) -> OzoneMetadata | None:
         ),
         ssh_user=texts.get("ssh-user") or None,
         config=texts.get("config") or None,
+        xml_hash=texts.get("xml-hash") or None,
     )
 
 

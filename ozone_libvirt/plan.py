@@ -29,7 +29,7 @@ Action = Literal["create", "change", "restart-needed", "unchanged", "prune"]
 ACTIONS: tuple[Action, ...] = ("create", "change", "restart-needed", "unchanged", "prune")
 
 # top-level config fields a running VM takes without a restart: the rest need one
-LIVE_FIELDS = frozenset({"description"})
+LIVE_FIELDS = frozenset({"description", "source"})
 
 
 @dataclass(frozen=True)
@@ -42,20 +42,27 @@ class Held:
     running: bool
     hash: str | None = None  # the persistent definition's config digest
     record: Mapping[str, Any] | None = None  # its normalised config
+    xml_hash: str | None = None  # the digest of the definition ozone wrote
     live_hash: str | None = None  # what the running VM was started with
     live_record: Mapping[str, Any] | None = None
+    live_xml_hash: str | None = None
     source: str | None = None  # the config file it was defined from
+    source_dir: str | None = None  # that file's folder, symlinks resolved
     missing: tuple[str, ...] = ()  # files of the definition that are gone (its disks)
+    keeps: tuple[str, ...] = ()  # what undefining it would lose: saved state, snapshots
 
 
 @dataclass(frozen=True)
 class Desired:
-    """A config as the planner sees it: its name, file, digest and normalised fields."""
+    """A config as the planner sees it: its name, file, digests and normalised fields.
+    ``xml_hash``: the digest of the definition a define would write now (None: not known,
+    e.g. no VM of that name exists)."""
 
     name: str
     source: str | None
     hash: str
     record: Mapping[str, Any]
+    xml_hash: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +83,7 @@ class Step:
     running: bool = False
     define: bool = False  # the persistent definition is rewritten
     reason: str = ""
+    what: str = ""  # a created VM: "2 vCPUs, 4GiB, image debian:bookworm"
 
 
 @dataclass(frozen=True)
@@ -91,7 +99,7 @@ class Plan:
 
     def summary(self) -> str:
         """``plan: 1 to create, 1 to change (restart needed), 3 unchanged``"""
-        words = {
+        words: dict[Action, str] = {
             "create": "to create",
             "change": "to change",
             "restart-needed": "to change (restart needed)",
@@ -103,46 +111,71 @@ class Plan:
 
 
 def field_changes(before: Mapping[str, Any] | None, after: Mapping[str, Any]) -> list[FieldChange]:
-    """The top-level fields that differ (every field of ``after`` when nothing was recorded)."""
+    """The fields that differ, by path (``memory``, ``disks[1].size``); one ``(config)``
+    change when nothing was recorded (an older ozone defined the VM)."""
     if before is None:
         return [FieldChange("(config)", None, "changed")]
-    keys = list(after) + [k for k in before if k not in after]
-    return [
-        FieldChange(k, before.get(k), after.get(k)) for k in keys if before.get(k) != after.get(k)
-    ]
+    changes: list[FieldChange] = []
+
+    def walk(path: str, old: Any, new: Any) -> None:
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in list(new) + [k for k in old if k not in new]:
+                walk(f"{path}.{key}" if path else key, old.get(key), new.get(key))
+        elif isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+            for i, (a, b) in enumerate(zip(old, new, strict=True)):
+                walk(f"{path}[{i}]", a, b)
+        elif old != new:
+            changes.append(FieldChange(path, old, new))
+
+    walk("", dict(before), dict(after))
+    return changes
+
+
+def _top(change: FieldChange) -> str:
+    return change.field.split(".")[0].split("[")[0]
+
+
+DRIFT = "ozone makes another definition now (the host or ozone changed): `ozone diff` shows it"
 
 
 def plan_one(desired: Desired, held: Held | None) -> Step:
     """The action for one config, given what libvirt holds under its name."""
-    src = desired.source
+    name, src = desired.name, desired.source
     if held is None:
-        return Step(desired.name, "create", src, define=True, reason="no VM of that name")
+        what = _what(desired.record)
+        return Step(name, "create", src, define=True, reason="no VM of that name", what=what)
     if not held.ours:
         # the executor refuses it with the same words as define; planned to be reported
-        return Step(desired.name, "change", src, define=True, reason="a domain not made by ozone")
-    define = held.hash != desired.hash or bool(held.missing)
+        return Step(name, "change", src, define=True, reason="a domain not made by ozone")
+    moved = [FieldChange("source", held.source, src)] if held.source != src else []
+    changed = held.hash != desired.hash
+    drift = not changed and desired.xml_hash is not None and held.xml_hash != desired.xml_hash
+    define = changed or drift or bool(moved) or bool(held.missing)
+    if held.missing:
+        reason = "missing: " + ", ".join(held.missing)
+    else:
+        reason = DRIFT if drift else "the config changed"
     if not held.running:
         if not define:
-            return Step(desired.name, "unchanged", src)
-        changes = field_changes(held.record, desired.record)
-        reason = "missing: " + ", ".join(held.missing) if held.missing else "the config changed"
-        return Step(desired.name, "change", src, tuple(changes), define=True, reason=reason)
-    live_hash = held.live_hash if held.live_hash is not None else held.hash
-    live_record = held.live_record if held.live_hash is not None else held.record
-    if live_hash == desired.hash and not define:
-        return Step(desired.name, "unchanged", src, running=True)
-    changes = field_changes(live_record, desired.record)
-    if live_hash != desired.hash and any(c.field not in LIVE_FIELDS for c in changes):
-        return Step(
-            desired.name,
-            "restart-needed",
-            src,
-            tuple(changes),
-            running=True,
-            define=define,
-            reason="it is running",
-        )
-    return Step(desired.name, "change", src, tuple(changes), running=True, define=True)
+            return Step(name, "unchanged", src)
+        changes = (field_changes(held.record, desired.record) if changed else []) + moved
+        return Step(name, "change", src, tuple(changes), define=True, reason=reason)
+    started = held.live_hash is not None
+    live_hash = held.live_hash if started else held.hash
+    live_record = held.live_record if started else held.record
+    live_xml = held.live_xml_hash if started else held.xml_hash
+    live_changed = live_hash != desired.hash
+    live_drift = not live_changed and desired.xml_hash is not None and live_xml != desired.xml_hash
+    changes = (field_changes(live_record, desired.record) if live_changed else []) + moved
+    if held.missing or live_drift or any(_top(c) not in LIVE_FIELDS for c in changes):
+        if held.missing or live_drift:
+            why = (reason if held.missing else DRIFT) + "; it is running"
+        else:
+            why = "it is running"
+        return Step(name, "restart-needed", src, tuple(changes), True, define, why)
+    if not define and not changes:
+        return Step(name, "unchanged", src, running=True)
+    return Step(name, "change", src, tuple(changes), running=True, define=True, reason=reason)
 
 
 def plan(
@@ -158,11 +191,12 @@ def plan(
     folders = {f.rstrip("/") or "/" for f in prune_in}
     for name in sorted(held):
         h = held[name]
-        if name in names or not h.ours or h.source is None:
+        if name in names or not h.ours or h.source_dir not in folders:
             continue
-        if h.source.rpartition("/")[0] in folders:
-            reason = f"no config in {h.source.rpartition('/')[0]} names it"
-            steps.append(Step(name, "prune", None, running=h.running, reason=reason))
+        reason = f"no config in {h.source_dir} names it"
+        if h.keeps:
+            reason += f"; it has {' and '.join(h.keeps)}, which pruning would lose"
+        steps.append(Step(name, "prune", None, running=h.running, reason=reason))
     return Plan(tuple(steps))
 
 
@@ -185,7 +219,7 @@ _MARKS = {"create": "+", "change": "~", "restart-needed": "~", "unchanged": " ",
 def _shown(field_name: str, value: Any) -> str:
     if value is None:
         return "(unset)"
-    if field_name == "memory" and isinstance(value, int):
+    if field_name.endswith(("memory", "size")) and isinstance(value, int):
         return size_text(value)
     text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
     return text if len(text) <= 40 else text[:39] + "…"
@@ -215,27 +249,22 @@ def _what(record: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def describe(step: Step, record: Mapping[str, Any] | None = None, width: int = 8) -> str:
+def describe(step: Step, width: int = 8) -> str:
     """One line of the plan: ``~ web      change  memory 1GiB -> 2GiB (restart needed: …)``."""
     word = "change" if step.action == "restart-needed" else step.action
     head = f"{_MARKS[step.action]} {step.name.ljust(width)} {word.ljust(7)}"
     if step.action == "create":
-        return f"{head} {_what(record or {})}".rstrip()
+        return f"{head} {step.what}".rstrip()
     if step.action == "unchanged":
         return f"{head}{' (running)' if step.running else ''}".rstrip()
     if step.action == "prune":
         return f"{head} {step.reason}{' (running: stopped with --restart)' if step.running else ''}"
-    fields = (
-        ", ".join(
-            c.field
-            if c.before is None and c.field == "(config)"
-            else f"{c.field} {_shown(c.field, c.before)} -> {_shown(c.field, c.after)}"
-            for c in step.changes
-        )
-        or step.reason
+    fields = ", ".join(
+        c.field
+        if c.before is None and c.field == "(config)"
+        else f"{c.field} {_shown(c.field, c.before)} -> {_shown(c.field, c.after)}"
+        for c in step.changes
     )
     if step.action == "restart-needed":
-        fields += f" (restart needed: {step.reason})"
-    elif step.running:
-        fields += " (applied live)"
-    return f"{head} {fields}"
+        return f"{head} {fields + ' ' if fields else ''}(restart needed: {step.reason})"
+    return f"{head} {fields or step.reason}{' (applied live)' if step.running else ''}"

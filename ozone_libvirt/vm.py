@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import re
 import time
 from collections.abc import Callable
@@ -76,6 +77,7 @@ class DefineResult:
     restart_needed: bool = False  # the domain runs: changes apply at its next start
     notes: tuple[str, ...] = ()  # things the user should know
     forwards: tuple[str, ...] = ()  # PROTO:HOST:PORT:GUESTPORT
+    changed: bool = True  # False: the definition already matched the config, left alone
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,20 @@ class Neighbours:
 
     def port_owner(self, forward: Forward) -> str | None:
         return next((name for other, name in self.ports if forward.overlaps(other)), None)
+
+    def without(self, name: str) -> Neighbours:
+        """What the domains other than ``name`` hold."""
+        mine = f"{name} ("
+
+        def others(uses: list[str]) -> list[str]:
+            return [u for u in uses if not u.startswith(mine)]
+
+        return Neighbours(
+            qmp={e: n for e, n in self.qmp.items() if n != name},
+            files={p: o for p, u in self.files.items() if (o := others(u))},
+            inodes={i: o for i, u in self.inodes.items() if (o := others(u))},
+            ports=[(f, n) for f, n in self.ports if n != name],
+        )
 
     def uses(self, path: Path) -> list[str]:
         found = list(self.files.get(path, []))
@@ -483,9 +499,13 @@ def _define(
     )
 
 
-def desired_xml(conn: libvirt.virConnect, config: VMConfig) -> str:
+def desired_xml(
+    conn: libvirt.virConnect, config: VMConfig, *, around: Neighbours | None = None
+) -> str:
     """The domain XML a define of ``config`` would write now, changing nothing: no image is
-    built, no key made, the VM keeps its UUID, QMP endpoint and forwarded ports."""
+    built, no key made, no folder made or wrapper installed (what a define by this user
+    would make is taken as made); the VM keeps its UUID, QMP endpoint and forwarded ports.
+    ``around``: what the other domains hold, when the caller has asked already."""
     from . import images, ssh
     from .state import VIRTIOFSD_RO
 
@@ -494,26 +514,28 @@ def desired_xml(conn: libvirt.virConnect, config: VMConfig) -> str:
     key = ssh.vm_public_key(config.name, create=False) if config.uses_cloud_init else None
     config = images.resolve(config, vm_key=key).config
     formats: dict[Path, str] = {}
+    root = os.geteuid() == 0
     if local:
         with contextlib.suppress(OzoneError):  # e.g. an image not built yet
             formats = _readable_inputs(config, facts)
-        if any(s.readonly for s in config.shares) and VIRTIOFSD_RO.is_file():
+        if any(s.readonly for s in config.shares) and (root or VIRTIOFSD_RO.is_file()):
             facts = dataclasses.replace(facts, virtiofsd_ro=VIRTIOFSD_RO)
-    ready = local and facts.qmp_dir is not None and facts.qmp_dir.is_dir()
+    ready = local and facts.qmp_dir is not None and (root or facts.qmp_dir.is_dir())
     if config.qmp.kind == "auto" and not ready:
         facts = dataclasses.replace(facts, qmp_dir=None)
     existing = find(conn, config.name)
     meta = metadata(existing) if existing is not None else None
-    around = neighbours(conn, except_name=config.name, local=local)
+    if around is None:
+        around = neighbours(conn, except_name=config.name, local=local)
     previous_qmp = meta.qmp_endpoint if meta else None
     qmp = resolve_qmp(config, facts, around.qmp, previous=previous_qmp, local=local)
     previous = meta.forwards if meta else ()
     forwards = resolve_forwards(config, around, previous=previous, local=local)
     uuid = existing.UUIDString() if existing is not None else None
-    root = dx.build_domain(
+    built = dx.build_domain(
         config, facts=facts, qmp_endpoint=qmp, uuid=uuid, backing_formats=formats, forwards=forwards
     )
-    return dx.to_string(root)
+    return dx.to_string(built)
 
 
 _REFUSED_CONFIG = (

@@ -147,7 +147,10 @@ def test_one_failing_step_among_several(vms, workdir):
     assert domain_exists(good1) and domain_exists(good2)
     proc = run_ozone("apply", str(folder), "--yes")
     assert proc.returncode == 1
-    assert "error: a domain named" in proc.stderr and "applied: 0 changed, 1 failed" in proc.stderr
+    assert (
+        f"error: {taken}: a domain named" in proc.stderr
+        and "applied: 0 changed, 1 failed" in proc.stderr
+    )
 
 
 def test_a_bad_config_in_the_folder_changes_nothing(vms, workdir):
@@ -177,3 +180,47 @@ def test_diff_of_a_vm_that_does_not_exist(vms):
         f"error: no VM named {name!r}",
         f"hint: `ozone apply {path}` creates it",
     ]
+
+
+@pytest.mark.guest
+def test_define_is_apply_of_one_file(vms):
+    name, path = vms.config()
+    first = run_ozone("define", str(path), "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["changed"] is True
+    before = held(name)
+    again = run_ozone("define", str(path))
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.startswith(f"Unchanged: {name} ("), again.stdout
+    assert held(name) == before
+    edit(path, vcpus=2)
+    changed = json.loads(run_ozone("define", str(path), "--json").stdout)
+    assert (changed["changed"], changed["created"]) == (True, False)
+    assert "<vcpu placement='static'>2</vcpu>" in held(name)
+
+
+def test_a_cloud_init_image_vm_is_unchanged_on_the_second_apply(vms, workdir):
+    """The Debian example (an image from the store, a cloud-init seed with the VM's own ssh
+    key): what the planner resolves is what define recorded, and diff finds nothing."""
+    import os
+    from pathlib import Path
+
+    from .conftest import REPO, ozone_env
+
+    store = os.environ.get("OZONE_IMAGE_DIR", str(REPO / "build" / "images"))
+    env = ozone_env(OZONE_IMAGE_DIR=store)
+    name = vms.name()
+    text = (REPO / "examples" / "debian.yaml").read_text()
+    path = workdir / f"{name}.yaml"
+    path.write_text(text.replace("name: debian\n", f"name: {name}\n"))
+    try:
+        first = run_ozone("apply", str(path), "--yes", "--json", env=env, timeout=900)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert actions(json.loads(first.stdout)) == {name: "create"}
+        again = run_ozone("apply", str(path), "--json", env=env)
+        assert actions(json.loads(again.stdout)) == {name: "unchanged"}, again.stdout
+        diff = run_ozone("diff", name, env=env)
+        assert (diff.returncode, diff.stdout) == (0, ""), diff.stdout + diff.stderr
+    finally:
+        run_ozone("undefine", name, "--remove-storage", env=env)
+        Path(store, f"{name}.root.qcow2").unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,20 @@ def test_qmp_passthrough_and_metadata():
     assert args == ["-qmp", "tcp:127.0.0.1:4444,server=on,wait=off"]
     meta = dx.parse_metadata(etree.tostring(root))
     assert meta == dx.OzoneMetadata(
-        source="/vms/w.json", hash=meta.hash, qmp_endpoint=TCP_4444, stage_dir="/srv/stage"
+        source="/vms/w.json",
+        hash=meta.hash,
+        qmp_endpoint=TCP_4444,
+        stage_dir="/srv/stage",
+        config=meta.config,
+        xml_hash=meta.xml_hash,
     )
+    record = json.loads(meta.config)  # what `ozone apply` compares, field by field
+    assert (record["name"], record["cdrom"], record["stage_dir"]) == (
+        "w",
+        "/vms/x.iso",
+        "/srv/stage",
+    )
+    assert "kernel" not in record  # unset fields are left out
     assert meta.qmp == "tcp:127.0.0.1:4444"
     assert meta.hash.startswith("sha256:")
 

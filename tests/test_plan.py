@@ -9,7 +9,12 @@ import pytest
 
 from ozone_libvirt import domain_xml as dx
 from ozone_libvirt.config import parse_config
-from ozone_libvirt.plan import LIVE_FIELDS, Desired, Held, describe, plan, plan_one
+from ozone_libvirt.plan import LIVE_FIELDS, Desired, FieldChange, Held, describe, plan, plan_one
+
+
+def top(change: FieldChange) -> str:
+    return change.field.split(".")[0].split("[")[0]
+
 
 BASE = {"name": "web", "memory": "1GiB", "cdrom": "/srv/boot.iso"}
 
@@ -69,13 +74,14 @@ def test_each_field_changes_in_place_or_needs_a_restart(field):
     assert before.hash != after.hash
     stopped = plan_one(after, held(before, running=False))
     assert (stopped.action, stopped.define, stopped.running) == ("change", True, False)
-    assert field in [c.field for c in stopped.changes]
+    assert field in {top(c) for c in stopped.changes}
     running = plan_one(after, held(before, running=True))
     wanted = "change" if field in LIVE_FIELDS else "restart-needed"
     assert (running.action, running.define, running.running) == (wanted, True, True)
-    change = next(c for c in running.changes if c.field == field)
-    assert change.before == before.record.get(field)
-    assert change.after == after.record.get(field)
+    assert field in {top(c) for c in running.changes}
+    if field in ("memory", "vcpus", "description"):
+        change = next(c for c in running.changes if c.field == field)
+        assert (change.before, change.after) == (before.record.get(field), after.record.get(field))
 
 
 def test_the_table_covers_every_field_of_a_config():
@@ -120,28 +126,89 @@ def test_a_vm_defined_by_an_older_ozone_has_no_record():
 
 def test_prune_only_ozone_vms_from_an_applied_folder():
     web = desired({})
-    gone = Held("old", ours=True, running=True, hash="h", source="/srv/vms/old.json")
-    elsewhere = Held("db", ours=True, running=False, hash="h", source="/srv/other/db.json")
+    gone = Held("old", ours=True, running=True, source="/srv/vms/old.json", source_dir="/srv/vms")
+    elsewhere = Held("db", ours=True, running=False, source_dir="/srv/other")
+    saved = Held("sv", ours=True, running=False, source_dir="/srv/vms", keeps=("saved state",))
     foreign = Held("virt", ours=False, running=False)
-    holds = {"web": held(web, running=False), "old": gone, "db": elsewhere, "virt": foreign}
+    holds = {
+        "web": held(web, running=False),
+        "old": gone,
+        "db": elsewhere,
+        "virt": foreign,
+        "sv": saved,
+    }
     assert [s.action for s in plan([web], holds).steps] == ["unchanged"]
     pruned = plan([web], holds, prune_in=["/srv/vms/"])
     assert [(s.name, s.action, s.running) for s in pruned.steps] == [
         ("web", "unchanged", False),
         ("old", "prune", True),
+        ("sv", "prune", False),
     ]
-    assert pruned.summary() == "plan: 1 to prune, 1 unchanged"
+    assert "saved state, which pruning would lose" in pruned.steps[2].reason  # refused, said
+    assert pruned.summary() == "plan: 2 to prune, 1 unchanged"
 
 
 def test_plan_lines():
     before, after = desired({}), desired({"memory": "2GiB", "vcpus": 2})
     step = plan_one(after, held(before, running=True))
-    assert describe(step, after.record, width=5) == (
+    assert describe(step, width=5) == (
         "~ web   change  memory 1GiB -> 2GiB, vcpus 1 -> 2 (restart needed: it is running)"
     )
     create = plan_one(after, None)
-    assert (
-        describe(create, after.record, width=5) == "+ web   create  2 vCPUs, 2GiB, cdrom boot.iso"
-    )
+    assert describe(create, width=5) == "+ web   create  2 vCPUs, 2GiB, cdrom boot.iso"
     steps = plan([after, desired({"name": "db"})], {"web": held(before, running=True)})
     assert steps.summary() == "plan: 1 to create, 1 to change (restart needed)"
+
+
+def test_ozone_would_write_another_definition_under_the_same_config():
+    # e.g. KVM came or went, or a newer ozone writes other XML: the digests of the definition
+    # ozone wrote and of the one it would write now differ
+    now = dataclasses.replace(desired({}), xml_hash="sha256:new")
+    stopped = dataclasses.replace(held(desired({}), running=False), xml_hash="sha256:old")
+    step = plan_one(now, stopped)
+    assert (step.action, step.define, step.changes) == ("change", True, ())
+    assert "ozone diff" in step.reason
+    running = dataclasses.replace(
+        stopped,
+        running=True,
+        live_hash=now.hash,
+        live_record=now.record,
+        live_xml_hash="sha256:old",
+    )
+    step = plan_one(now, running)
+    assert (step.action, step.define) == ("restart-needed", True)
+    # redefined without a restart: still needed, until the VM starts with the new definition
+    redefined = dataclasses.replace(running, xml_hash="sha256:new")
+    assert plan_one(now, redefined).action == "restart-needed"
+    restarted = dataclasses.replace(redefined, live_xml_hash="sha256:new")
+    assert plan_one(now, restarted).action == "unchanged"
+
+
+def test_a_moved_config_file_is_recorded_even_while_running():
+    web = desired({})
+    moved = dataclasses.replace(web, source="/srv/new/web.json")
+    for running in (False, True):
+        step = plan_one(moved, held(web, running=running))
+        assert (step.action, step.define) == ("change", True)
+        assert [(c.field, c.before, c.after) for c in step.changes] == [
+            ("source", "/srv/vms/web.json", "/srv/new/web.json")
+        ]
+
+
+def test_a_running_vm_whose_disk_is_gone_needs_a_restart():
+    web = desired({})
+    gone = dataclasses.replace(held(web, running=True), missing=("/srv/web.qcow2",))
+    step = plan_one(web, gone)
+    assert (step.action, step.define) == ("restart-needed", True)
+    assert step.reason == "missing: /srv/web.qcow2; it is running"
+
+
+def test_nested_fields_are_named_by_their_path():
+    disk = {"path": "/srv/web.qcow2", "size": "64MiB"}
+    before = desired({"disks": [disk]})
+    after = desired({"disks": [{**disk, "size": "128MiB", "bus": "sata"}]})
+    step = plan_one(after, held(before, running=False))
+    assert (
+        describe(step, width=3)
+        == "~ web change  disks[0].size 64MiB -> 128MiB, disks[0].bus virtio -> sata"
+    )
