@@ -625,9 +625,9 @@ def _project(held: etree._Element, ours: etree._Element) -> None:
         if not isinstance(child.tag, str):
             held.remove(child)
     mine = _keyed(ours)
-    for key, child in _keyed(held).items():
-        if key in mine:
-            _project(child, mine[key])
+    for pair, child in _keyed(held).items():
+        if pair in mine:
+            _project(child, mine[pair])
         elif str(child.tag) in _LIBVIRT_ADDS:
             held.remove(child)
 
