@@ -1211,7 +1211,7 @@ def apply(
             )
     failed = [r for r in results if not r.ok]
     if as_json:
-        output.emit_json(converge.to_json(the_plan, results, applied=go))
+        output.emit_json(converge.Applied(the_plan, go, tuple(results)))
     elif the_plan.changes_anything and not go:
         output.info("nothing changed: `--yes` applies the plan")
     else:

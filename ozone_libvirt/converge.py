@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from .vm import DefineResult, Neighbours
 
 Report = Callable[[str, str], None]  # (VM name, what happens)
+Say = Callable[[str], None]  # what happens to one VM
+Progress = Callable[[int, int | None], None] | None  # bytes done, of how many
+
+
+def _quiet(_text: str) -> None:
+    pass
 
 
 # --- reading configs ---------------------------------------------------------------------
@@ -186,6 +192,15 @@ def make_plan(conn: libvirt.virConnect, configs: Configs, *, prune: bool = False
 
 
 @dataclass(frozen=True)
+class Applied:
+    """`ozone apply`: the plan, whether it was carried out, and each step's result."""
+
+    plan: Plan
+    applied: bool
+    results: tuple[StepResult, ...] = ()
+
+
+@dataclass(frozen=True)
 class StepResult:
     name: str
     action: str
@@ -269,7 +284,9 @@ def _carry_out(
         vm.undefine(conn, step.name)
         return StepResult(step.name, step.action, True, "undefined")
     assert config is not None
-    defined = carry_out_define(conn, step, config, report=say) if step.define else None
+    defined = (
+        carry_out_define(conn, step, config, report=say, progress=None) if step.define else None
+    )
     if step.action == "change" and step.running:
         return StepResult(step.name, step.action, True, "changed live", define=defined)
     if step.action == "restart-needed" and restart:
@@ -285,12 +302,7 @@ def _carry_out(
 
 
 def carry_out_define(
-    conn: libvirt.virConnect,
-    step: Step,
-    config: VMConfig,
-    *,
-    report: Callable[[str], None] = lambda _text: None,
-    progress: Callable[[int, int | None], None] | None = None,
+    conn: libvirt.virConnect, step: Step, config: VMConfig, *, report: Say, progress: Progress
 ) -> DefineResult:
     """Define the VM of a planned step; a running VM whose change needs no restart takes it."""
     from . import vm
@@ -304,11 +316,7 @@ def carry_out_define(
 
 
 def define(
-    conn: libvirt.virConnect,
-    config: VMConfig,
-    *,
-    report: Callable[[str], None] = lambda _text: None,
-    progress: Callable[[int, int | None], None] | None = None,
+    conn: libvirt.virConnect, config: VMConfig, *, report: Say = _quiet, progress: Progress = None
 ) -> DefineResult:
     """`ozone define`: apply of one config. Defined when new or changed; else left as it is
     (its definition byte for byte), and the result says so (``changed`` false)."""
@@ -400,36 +408,3 @@ def diff(conn: libvirt.virConnect, target: str) -> str:
     return dx.xml_diff(
         held, ours, held_label=f"{config.name} (libvirt)", ours_label=f"{path} (config)"
     )
-
-
-def to_json(the_plan: Plan, results: Sequence[StepResult], *, applied: bool) -> dict[str, object]:
-    """`ozone apply --json`: the plan, whether it was applied, and each step's result."""
-
-    def step(s: Step) -> dict[str, object]:
-        return {
-            "name": s.name,
-            "action": s.action,
-            "config": s.config,
-            "running": s.running,
-            "reason": s.reason,
-            "changes": [{"field": c.field, "from": c.before, "to": c.after} for c in s.changes],
-        }
-
-    def result(r: StepResult) -> dict[str, object]:
-        return {
-            "name": r.name,
-            "action": r.action,
-            "ok": r.ok,
-            "done": r.done,
-            "error": r.error.to_dict() if r.error else None,
-            "define": dataclasses.asdict(r.define) if r.define else None,
-        }
-
-    counts = {
-        a: the_plan.count(a) for a in ("create", "change", "restart-needed", "unchanged", "prune")
-    }
-    return {
-        "plan": {"summary": counts, "steps": [step(s) for s in the_plan.steps]},
-        "applied": applied,
-        "results": [result(r) for r in results],
-    }

@@ -18,14 +18,16 @@ from .results import OMIT_NONE
 def to_json(obj: Any) -> Any:
     """The one encoder of ``--json`` output: a library result (a dataclass, its fields in
     order, leaving out an :func:`.results.optional` field while None), a NamedTuple or a
-    mapping become an object; lists, tuples and sets an array; anything else not JSON
-    already (a path) its string."""
+    mapping become an object; lists, tuples and sets an array; an error its
+    ``{"code", "message", "hint"}``; anything else not JSON already (a path) its string."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {
             f.name: to_json(value)
             for f in dataclasses.fields(obj)
             if (value := getattr(obj, f.name)) is not None or not f.metadata.get(OMIT_NONE)
         }
+    if isinstance(obj, OzoneError):
+        return obj.to_dict()
     if isinstance(obj, tuple) and hasattr(obj, "_asdict"):
         return to_json(obj._asdict())
     if isinstance(obj, Mapping):

@@ -89,6 +89,10 @@ class Step:
 @dataclass(frozen=True)
 class Plan:
     steps: tuple[Step, ...] = field(default_factory=tuple)
+    counts: Mapping[Action, int] = field(init=False)  # how many steps take each action
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counts", {a: self.count(a) for a in ACTIONS})
 
     def count(self, action: Action) -> int:
         return sum(1 for s in self.steps if s.action == action)

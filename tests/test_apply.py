@@ -90,7 +90,7 @@ def test_a_folder_converges_and_a_second_apply_changes_nothing(vms, workdir):
     code, doc = apply(str(folder), "--yes")  # still needed: the running VM has the old memory
     assert actions(doc) == {a: "restart-needed", b: "unchanged", c: "unchanged"}
     assert doc["plan"]["steps"][0]["changes"] == [
-        {"field": "memory", "from": 256 << 20, "to": 320 << 20}
+        {"field": "memory", "before": 256 << 20, "after": 320 << 20}
     ]
 
     code, doc = apply(str(folder), "--yes", "--restart")
