@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -203,6 +204,148 @@ def _sweep_leftovers() -> Iterator[None]:
         for name in names:
             if name.startswith(PREFIX):
                 remove_domain(name)
+
+
+# --- slow starts begun together ---------------------------------------------------------------
+# A first boot of the Debian example (cloud-init) takes minutes under TCG, and one boot keeps
+# only about one of the two cores busy: the fixtures that need one begin all of them (those
+# the session's selected tests need) at once, when the first is needed, and each waits for
+# its own. A start is a context manager: it prepares, starts a Background, and removes
+# everything at its exit; the fixture that claims it owns that exit.
+
+
+@dataclass
+class Background:
+    """A command running in the background, its output going to files in ``folder``."""
+
+    argv: list[str]
+    env: dict[str, str]
+    folder: Path
+    timeout: float
+    proc: subprocess.Popen[bytes] | None = None
+    began: float = 0.0
+    ended: float | None = None
+
+    def start(self) -> Background:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (
+            (self.folder / "stdout").open("wb") as out,
+            (self.folder / "stderr").open("wb") as err,
+        ):
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env
+            )
+        self.began = time.monotonic()
+        threading.Thread(target=self._reap, daemon=True).start()
+        return self
+
+    def _reap(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self.ended = time.monotonic()
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        """Wait for it to end (failing the test after ``timeout`` s from its start)."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout=max(1.0, self.began + self.timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"{self.argv[2:]} did not end within {self.timeout:g} s")
+        self.ended = self.ended or time.monotonic()
+        return subprocess.CompletedProcess(
+            self.argv,
+            code,
+            (self.folder / "stdout").read_text(errors="replace"),
+            (self.folder / "stderr").read_text(errors="replace"),
+        )
+
+    @property
+    def seconds(self) -> float:
+        """From its start to its end (or now)."""
+        return (self.ended or time.monotonic()) - self.began
+
+    def stop(self) -> None:
+        """SIGTERM (ozone cleans up after itself), then SIGKILL after a minute."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+Start = Callable[[], contextlib.AbstractContextManager[Any]]
+_STARTS: dict[str, tuple[str, frozenset[str], Start]] = {}
+
+
+def starts_early(key: str, module: str, *needed_by: str) -> Callable[[Start], Start]:
+    """Register ``start`` under ``key``: begun by the `early` fixture for a session that runs
+    a test of ``module`` (a file name) that is, or uses a fixture, named in ``needed_by``."""
+
+    def register(start: Start) -> Start:
+        _STARTS[key] = (Path(module).name, frozenset(needed_by), start)
+        return start
+
+    return register
+
+
+class Early:
+    def __init__(self, items: list[pytest.Item]) -> None:
+        def needed(module: str, names: frozenset[str]) -> bool:
+            return any(
+                item.path.name == module
+                and names & {*getattr(item, "fixturenames", ()), getattr(item, "originalname", "")}
+                for item in items
+            )
+
+        self.wanted = [key for key, (mod, names, _s) in _STARTS.items() if needed(mod, names)]
+        self.begun = False
+        self.held: dict[str, tuple[contextlib.ExitStack, Any]] = {}
+        self.failed: dict[str, BaseException] = {}
+
+    def _begin(self, key: str) -> None:
+        stack = contextlib.ExitStack()
+        try:
+            value = stack.enter_context(_STARTS[key][2]())
+        except (Exception, pytest.fail.Exception) as err:
+            stack.close()
+            self.failed[key] = err
+        else:
+            self.held[key] = (stack, value)
+
+    @contextlib.contextmanager
+    def claim(self, key: str) -> Iterator[Any]:
+        """Begin every wanted start (once), then yield ``key``'s value; its clean-up runs when
+        the with block ends."""
+        if not self.begun:
+            self.begun = True
+            for wanted in self.wanted:
+                self._begin(wanted)
+        if key not in self.held and key not in self.failed:  # not foreseen: begin it now
+            self._begin(key)
+        if key in self.failed:
+            raise self.failed.pop(key)
+        stack, value = self.held.pop(key)
+        with stack:
+            yield value
+
+    def close(self) -> None:
+        """Clean up what no fixture claimed (its tests failed before, or were not run)."""
+        for stack, _value in self.held.values():
+            stack.close()
+        self.held.clear()
+
+
+@pytest.fixture(scope="session")
+def early(libvirtd: str, request: pytest.FixtureRequest) -> Iterator[Early]:
+    starts = Early(request.session.items)
+    try:
+        yield starts
+    finally:
+        starts.close()
 
 
 def serial_text(name: str) -> str:
