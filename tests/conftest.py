@@ -210,7 +210,7 @@ def _sweep_leftovers() -> Iterator[None]:
 # A first boot of the Debian example (cloud-init) takes minutes under TCG, and one boot keeps
 # only about one of the two cores busy: the fixtures that need one begin all of them (those
 # the session's selected tests need) at once, when the first is needed, and each waits for
-# its own (their timeouts allow for three boots sharing the two cores). A start is a context manager: it prepares, starts a Background, and removes
+# its own. A start is a context manager: it prepares, starts a Background, and removes
 # everything at its exit; the fixture that claims it owns that exit.
 
 

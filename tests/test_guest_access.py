@@ -104,10 +104,10 @@ def start_box() -> Iterator[tuple[Box, Background]]:
         proc = oz("define", str(config))
         assert proc.returncode == 0, proc.stderr
         booting = Background(
-            [ozone_cmd("start", name, "--wait", "--timeout", "840")],
+            [ozone_cmd("start", name, "--wait", "--timeout", "600")],
             env=ozone_env(OZONE_IMAGE_DIR=str(STORE)),
             folder=work / "start",
-            timeout=900,
+            timeout=660,
         ).start()
         try:
             yield Box(name, config, port, key, shared, published), booting

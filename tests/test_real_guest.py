@@ -128,7 +128,7 @@ def start_cold_run() -> Iterator[tuple[Path, Background]]:
                         "run",
                         str(path),
                         "--boot-timeout",
-                        "840",
+                        "600",
                         "--",
                         "sh",
                         "-c",
@@ -137,7 +137,7 @@ def start_cold_run() -> Iterator[tuple[Path, Background]]:
                 ],
                 env=env(),
                 folder=workdir / "cold",
-                timeout=1200,
+                timeout=900,
             ).start()
             try:
                 yield path, cold
@@ -186,13 +186,13 @@ def start_debian() -> Iterator[tuple[str, Background]]:
             assert proc.returncode == 0, proc.stderr
             booting = Background(
                 [
-                    ozone_cmd("start", name, "--wait", "--timeout", "840"),
+                    ozone_cmd("start", name, "--wait", "--timeout", "600"),
                     ozone_cmd("stop", name, "--json"),
-                    ozone_cmd("start", name, "--wait", "--timeout", "840"),
+                    ozone_cmd("start", name, "--wait", "--timeout", "600"),
                 ],
                 env=env(),
                 folder=workdir / "boots",
-                timeout=1800,
+                timeout=1500,
             ).start()
             try:
                 yield name, booting
