@@ -216,84 +216,65 @@ def _sweep_leftovers() -> Iterator[None]:
 
 @dataclass
 class Background:
-    """Commands run one after another in the background, up to the first that fails; the
-    output of each goes to files in ``folder``."""
+    """A command running in the background, its output going to files in ``folder``."""
 
-    steps: list[list[str]]
+    argv: list[str]
     env: dict[str, str]
     folder: Path
-    timeout: float  # for all of them, from the start
+    timeout: float
+    proc: subprocess.Popen[bytes] | None = None
     began: float = 0.0
-    codes: list[int] = field(default_factory=list)
-    ended: list[float] = field(default_factory=list)
-    _proc: subprocess.Popen[bytes] | None = None
-    _stopping: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _thread: threading.Thread | None = None
+    ended: float | None = None
 
     def start(self) -> Background:
         self.folder.mkdir(parents=True, exist_ok=True)
+        with (
+            (self.folder / "stdout").open("wb") as out,
+            (self.folder / "stderr").open("wb") as err,
+        ):
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env
+            )
         self.began = time.monotonic()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._reap, daemon=True).start()
         return self
 
-    def _run(self) -> None:
-        for index, argv in enumerate(self.steps):
-            with (
-                self._lock,
-                (self.folder / f"{index}.out").open("wb") as out,
-                (self.folder / f"{index}.err").open("wb") as err,
-            ):
-                if self._stopping:
-                    return
-                self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.env
-                )
-            code = self._proc.wait()
-            self.ended.append(time.monotonic())
-            self.codes.append(code)
-            if code != 0:
-                return
+    def _reap(self) -> None:
+        assert self.proc is not None
+        self.proc.wait()
+        self.ended = time.monotonic()
 
-    def results(self) -> list[subprocess.CompletedProcess[str]]:
-        """Wait for the steps to end (failing the test ``timeout`` s after the start): what
-        each that ran printed, and its exit status."""
-        assert self._thread is not None
-        self._thread.join(timeout=max(1.0, self.began + self.timeout - time.monotonic()))
-        if self._thread.is_alive():
+    def result(self) -> subprocess.CompletedProcess[str]:
+        """Wait for it to end (failing the test after ``timeout`` s from its start)."""
+        assert self.proc is not None
+        try:
+            code = self.proc.wait(timeout=max(1.0, self.began + self.timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
             self.stop()
-            pytest.fail(f"{self.steps} did not end within {self.timeout:g} s")
-        return [
-            subprocess.CompletedProcess(
-                self.steps[index],
-                code,
-                (self.folder / f"{index}.out").read_text(errors="replace"),
-                (self.folder / f"{index}.err").read_text(errors="replace"),
-            )
-            for index, code in enumerate(self.codes)
-        ]
+            pytest.fail(f"{self.argv[2:]} did not end within {self.timeout:g} s")
+        self.ended = self.ended or time.monotonic()
+        return subprocess.CompletedProcess(
+            self.argv,
+            code,
+            (self.folder / "stdout").read_text(errors="replace"),
+            (self.folder / "stderr").read_text(errors="replace"),
+        )
 
-    def seconds(self, step: int = -1) -> float:
-        """From the start to the end of a step."""
-        return self.ended[step] - self.began
+    @property
+    def seconds(self) -> float:
+        """From its start to its end (or now)."""
+        return (self.ended or time.monotonic()) - self.began
 
     def stop(self) -> None:
-        """No more steps; SIGTERM to the one running (ozone cleans up after itself), SIGKILL
-        after a minute."""
-        with self._lock:
-            self._stopping = True
-            proc = self._proc
-        if proc is None or proc.poll() is not None:
+        """SIGTERM (ozone cleans up after itself), then SIGKILL after a minute."""
+        if self.proc is None or self.proc.poll() is not None:
             return
-        proc.terminate()
+        self.proc.terminate()
         try:
-            proc.wait(timeout=60)
+            self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+            self.proc.kill()
+            self.proc.wait()
 
 
 Start = Callable[[], contextlib.AbstractContextManager[Any]]

@@ -104,7 +104,7 @@ def start_box() -> Iterator[tuple[Box, Background]]:
         proc = oz("define", str(config))
         assert proc.returncode == 0, proc.stderr
         booting = Background(
-            [ozone_cmd("start", name, "--wait", "--timeout", "600")],
+            ozone_cmd("start", name, "--wait", "--timeout", "600"),
             env=ozone_env(OZONE_IMAGE_DIR=str(STORE)),
             folder=work / "start",
             timeout=660,
@@ -121,7 +121,7 @@ def start_box() -> Iterator[tuple[Box, Background]]:
 @pytest.fixture(scope="module")
 def box(early: Early) -> Iterator[Box]:
     with early.claim("access box") as (box, booting):
-        (proc,) = booting.results()
+        proc = booting.result()
         assert proc.returncode == 0, proc.stderr
         yield box
     assert not (STATE / "ssh" / box.name).exists()  # undefine forgets the VM's key
