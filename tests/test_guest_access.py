@@ -7,7 +7,6 @@ The VM is examples/debian.yaml's (the same image, built once per run) with ports
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -22,18 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import (
-    GUEST_DIR,
-    PREFIX,
-    REPO,
-    WORK_ROOT,
-    Background,
-    Early,
-    ozone_cmd,
-    ozone_env,
-    starts_early,
-    wait_until,
-)
+from .conftest import GUEST_DIR, PREFIX, REPO, WORK_ROOT, ozone_cmd, ozone_env, wait_until
 from .test_real_guest import remove_vm
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest]
@@ -72,11 +60,8 @@ class Box:
     published: Path  # shared read-only, at /srv/ro
 
 
-@starts_early("access box", __file__, "box")
-@contextlib.contextmanager
-def start_box() -> Iterator[tuple[Box, Background]]:
-    """Defines the VM and starts booting it (`early` begins it with the session's other
-    Debian boots)."""
+@pytest.fixture(scope="module")
+def box(libvirtd: str) -> Iterator[Box]:
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
     work = WORK_ROOT / f"access-{uuid.uuid4().hex[:8]}"
     work.mkdir(mode=0o755)
@@ -103,28 +88,13 @@ def start_box() -> Iterator[tuple[Box, Background]]:
     try:
         proc = oz("define", str(config))
         assert proc.returncode == 0, proc.stderr
-        booting = Background(
-            ozone_cmd("start", name, "--wait", "--timeout", "600"),
-            env=ozone_env(OZONE_IMAGE_DIR=str(STORE)),
-            folder=work / "start",
-            timeout=660,
-        ).start()
-        try:
-            yield Box(name, config, port, key, shared, published), booting
-        finally:
-            booting.stop()
+        proc = oz("start", name, "--wait", "--timeout", "600", timeout=660)
+        assert proc.returncode == 0, proc.stderr
+        yield Box(name, config, port, key, shared, published)
     finally:
         remove_vm(name, config)
         shutil.rmtree(work, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def box(early: Early) -> Iterator[Box]:
-    with early.claim("access box") as (box, booting):
-        proc = booting.result()
-        assert proc.returncode == 0, proc.stderr
-        yield box
-    assert not (STATE / "ssh" / box.name).exists()  # undefine forgets the VM's key
+    assert not (STATE / "ssh" / name).exists()  # undefine forgets the VM's key
 
 
 def test_ssh_logs_in_as_the_cloud_init_user_with_the_vms_own_key(box):

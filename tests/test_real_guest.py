@@ -6,7 +6,6 @@ boot cache, and the image store's bookkeeping."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -20,18 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import (
-    PREFIX,
-    REPO,
-    WORK_ROOT,
-    Background,
-    Early,
-    ozone_cmd,
-    ozone_env,
-    remove_domain,
-    run_ozone,
-    starts_early,
-)
+from .conftest import PREFIX, REPO, WORK_ROOT, ozone_cmd, ozone_env, remove_domain, run_ozone
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest]
 
@@ -61,15 +49,13 @@ def sh(name: str, script: str, *, user: str | None = None) -> str:
     return proc.stdout.decode()
 
 
-@contextlib.contextmanager
-def work_folder(suffix: str) -> Iterator[Path]:
+@pytest.fixture(scope="module")
+def workdir() -> Iterator[Path]:
     WORK_ROOT.mkdir(parents=True, exist_ok=True)
-    path = WORK_ROOT / f"{suffix}-{uuid.uuid4().hex[:8]}"
+    path = WORK_ROOT / f"real-{uuid.uuid4().hex[:8]}"
     path.mkdir(mode=0o755)
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -111,44 +97,23 @@ def remove_vm(name: str, path: Path) -> None:
     seed.unlink(missing_ok=True)  # seeds stay with undefine (shared); this one is the test's
 
 
-RUN_SCRIPT = "gcc --version | head -1; id -un dev; cat /var/lib/runcmd-count; cloud-init status"
-
-
-# `early` begins the cold run with the session's other Debian boots (they overlap)
-@starts_early("debian cold run", __file__, "test_run_cold_then_warm_from_the_boot_cache")
-@contextlib.contextmanager
-def start_cold_run() -> Iterator[tuple[Path, Background]]:
-    with work_folder("real-run") as workdir:
-        _name, path = config_for(workdir, "debrun")
-        try:
-            cold = Background(
-                ozone_cmd(
-                    "-v", "run", str(path), "--boot-timeout", "600", "--", "sh", "-c", RUN_SCRIPT
-                ),
-                env=env(),
-                folder=workdir / "cold",
-                timeout=900,
-            ).start()
-            try:
-                yield path, cold
-            finally:
-                cold.stop()
-        finally:
-            oz("cache", "clear", str(path))
-            seed_of(path).unlink(missing_ok=True)
-
-
-def test_run_cold_then_warm_from_the_boot_cache(early, image):
-    with early.claim("debian cold run") as (path, cold_run):
-        cold = cold_run.result()
-        cold_s = cold_run.seconds
+# first in the file: it boots its own throwaway VMs before the module's VM exists
+def test_run_cold_then_warm_from_the_boot_cache(image, workdir):
+    _name, path = config_for(workdir, "debrun")
+    script = "gcc --version | head -1; id -un dev; cat /var/lib/runcmd-count; cloud-init status"
+    try:
+        began = time.monotonic()
+        cold = oz(
+            "-v", "run", str(path), "--boot-timeout", "600", "--", "sh", "-c", script, timeout=900
+        )
+        cold_s = time.monotonic() - began
         assert cold.returncode == 0, cold.stderr
         assert "boot cache miss" in cold.stderr
         lines = cold.stdout.splitlines()
         assert lines[0].startswith("gcc (Debian"), cold.stdout
         assert lines[1:] == ["dev", "ran", "status: done"], cold.stdout
         began = time.monotonic()
-        warm = oz("-v", "run", str(path), "--", "sh", "-c", RUN_SCRIPT, timeout=300)
+        warm = oz("-v", "run", str(path), "--", "sh", "-c", script, timeout=300)
         warm_s = time.monotonic() - began
         assert warm.returncode == 0, warm.stderr
         assert "boot cache hit" in warm.stderr
@@ -161,36 +126,22 @@ def test_run_cold_then_warm_from_the_boot_cache(early, image):
         files = mine[0]["files"]
         assert image["path"] in files
         assert any(Path(f).name.startswith("seed-") for f in files)
-
-
-@starts_early("debian vm", __file__, "debian")
-@contextlib.contextmanager
-def start_debian() -> Iterator[tuple[str, Background]]:
-    with work_folder("real") as workdir:
-        name, path = config_for(workdir, "deb")
-        try:
-            proc = oz("define", str(path))
-            assert proc.returncode == 0, proc.stderr
-            booting = Background(
-                ozone_cmd("start", name, "--wait", "--timeout", "600"),
-                env=env(),
-                folder=workdir / "start",
-                timeout=660,
-            ).start()
-            try:
-                yield name, booting
-            finally:
-                booting.stop()
-        finally:
-            remove_vm(name, path)
+    finally:
+        oz("cache", "clear", str(path))
+        seed_of(path).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
-def debian(early: Early, image: dict) -> Iterator[str]:
-    with early.claim("debian vm") as (name, booting):
-        proc = booting.result()
+def debian(image, workdir) -> Iterator[str]:
+    name, path = config_for(workdir, "deb")
+    try:
+        proc = oz("define", str(path))
+        assert proc.returncode == 0, proc.stderr
+        proc = oz("start", name, "--wait", "--timeout", "600", timeout=660)
         assert proc.returncode == 0, proc.stderr
         yield name
+    finally:
+        remove_vm(name, path)
     assert image["path"] and Path(image["path"]).is_file()  # never removed with the VM
 
 
