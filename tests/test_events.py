@@ -3,6 +3,7 @@ tiny guest; the mapping of libvirt's codes to names is pure."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import queue
 import signal
@@ -92,9 +93,12 @@ def test_events_of_a_guest_started_and_destroyed(vms):
     assert run_ozone("define", str(path)).returncode == 0
     stream = Stream(name)
     try:
-        # until the stream listens, defining again changes nothing but makes an event
+        # until the stream listens: define it again, each time with another description (an
+        # unchanged config is left alone, which makes no event)
         deadline = time.monotonic() + 60
-        while True:
+        for attempt in itertools.count():
+            data = json.loads(path.read_text())
+            path.write_text(json.dumps({**data, "description": f"attempt {attempt}"}))
             assert run_ozone("define", str(path)).returncode == 0
             try:
                 stream.wait_for(name, "defined", timeout=1)
