@@ -147,6 +147,9 @@ def target(
         "-o", "StrictHostKeyChecking=accept-new",
         "-o", f"HostKeyAlias=ozone-{dom.UUIDString()}",
         "-o", "CheckHostIP=no",
+        # also bounds the wait for the server's greeting: QEMU's user networking accepts a
+        # connection to a forwarded port even when nothing in the guest answers, and holds it
+        "-o", "ConnectTimeout=30",
         *options,
     ]  # fmt: skip
     return Target(name, login, host, port, jump, argv, list(command))
