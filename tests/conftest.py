@@ -122,6 +122,34 @@ def libvirtd() -> str:
     return URI
 
 
+SECOND_HOST = REPO / "scripts" / "second-host"
+
+
+@pytest.fixture(scope="session")
+def second_host(libvirtd: str) -> Iterator[str]:
+    """Another libvirt host on this machine (scripts/second-host: its own libvirtd in its own
+    mount namespace, its own host UUID), reached over qemu+tcp; stopped at the session's end,
+    with everything it held."""
+    env = dict(os.environ, SECOND_HOST=f"ozt{os.getpid()}")
+    proc = subprocess.run(
+        [str(SECOND_HOST), "start", "16510"], capture_output=True, text=True, env=env, timeout=60
+    )
+    if proc.returncode != 0:
+        pytest.fail(f"scripts/second-host start failed: {proc.stderr.strip()}")
+    try:
+        yield proc.stdout.strip()
+    finally:
+        subprocess.run([str(SECOND_HOST), "stop"], capture_output=True, env=env, timeout=60)
+
+
+def on_second_host(*command: str) -> subprocess.CompletedProcess[str]:
+    """Run a command in the second host's file system."""
+    env = dict(os.environ, SECOND_HOST=f"ozt{os.getpid()}")
+    return subprocess.run(
+        [str(SECOND_HOST), "run", *command], capture_output=True, text=True, env=env, timeout=60
+    )
+
+
 @pytest.fixture(scope="session")
 def guest_image() -> Path:
     iso = GUEST_DIR / "ozone-guest.iso"
