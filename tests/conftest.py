@@ -130,9 +130,14 @@ def second_host(libvirtd: str) -> Iterator[str]:
     """Another libvirt host on this machine (scripts/second-host: its own libvirtd in its own
     mount namespace, its own host UUID), reached over qemu+tcp; stopped at the session's end,
     with everything it held."""
+    import socket
+
     env = dict(os.environ, SECOND_HOST=f"ozt{os.getpid()}")
+    with socket.socket() as probe:  # a free port: another test run may have a second host too
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     proc = subprocess.run(
-        [str(SECOND_HOST), "start", "16510"], capture_output=True, text=True, env=env, timeout=60
+        [str(SECOND_HOST), "start", str(port)], capture_output=True, text=True, env=env, timeout=60
     )
     if proc.returncode != 0:
         pytest.fail(f"scripts/second-host start failed: {proc.stderr.strip()}")
