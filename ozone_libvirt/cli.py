@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import libvirt
 
     from .config import VMConfig
+    from .vm import SerialLog
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -263,7 +264,8 @@ def _console_tail(conn: libvirt.virConnect, name: str, lines: int = 15) -> str:
     from . import vm
 
     with contextlib.suppress(OzoneError, OSError):
-        text = vm.serial_log(conn, name).read_bytes()[-8192:].decode(errors="replace")
+        log = vm.serial_log(conn, name)
+        text = log.read(max(0, (log.size() or 0) - 8192)).decode(errors="replace")
         return "\n".join(text.splitlines()[-lines:])
     return ""
 
@@ -607,38 +609,29 @@ def logs(
     from . import vm
 
     with connection() as conn:
-        path = vm.serial_log(conn, name)
-    _print_log(path, follow=follow, lines=lines)
+        _print_log(vm.serial_log(conn, name), follow=follow, lines=lines)
 
 
-def _print_log(path: Path, *, follow: bool, lines: int | None) -> None:
+def _print_log(log: SerialLog, *, follow: bool, lines: int | None) -> None:
     out = sys.stdout.buffer
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        if not follow:
-            raise OzoneError(
-                f"no serial log yet at {path}", hint="the VM has not been started"
-            ) from None
-        data = b""
-    except PermissionError:
-        raise OzoneError(f"cannot read {path}: permission denied", hint="run as root") from None
+    size = log.size()
+    if size is None and not follow:
+        raise OzoneError(f"no serial log yet at {log.path}", hint="the VM has not been started")
+    data = log.read() if size else b""
     if lines is not None:
         data = b"".join(data.splitlines(keepends=True)[-lines:]) if lines > 0 else b""
     out.write(data)
     out.flush()
     if not follow:
         return
-    offset = path.stat().st_size if path.exists() else 0
+    offset = size or 0
     try:
         while True:
-            size = path.stat().st_size if path.exists() else 0
+            size = log.size() or 0
             if size < offset:  # truncated: the VM restarted
                 offset = 0
             if size > offset:
-                with path.open("rb") as f:
-                    f.seek(offset)
-                    chunk = f.read(size - offset)
+                chunk = log.read(offset)
                 offset += len(chunk)
                 out.write(chunk)
                 out.flush()

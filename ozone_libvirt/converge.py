@@ -104,7 +104,11 @@ def desired(
     from .ssh import vm_public_key
 
     key = vm_public_key(config.name, create=False) if config.uses_cloud_init else None
-    resolved = resolve(config, vm_key=key).config
+    resolved = resolve(config, vm_key=key)
+    if conn is not None:
+        from .vm import placed
+
+        resolved = dataclasses.replace(resolved, config=placed(conn, resolved))
     source = str(config.source) if config.source else None
     xml_hash = None
     if conn is not None and around is not None:
@@ -112,7 +116,8 @@ def desired(
 
         meta = parse_metadata(desired_xml(conn, config, around=around.without(config.name)))
         xml_hash = meta.xml_hash if meta else None
-    return Desired(config.name, source, resolved.hash, dx.config_record(resolved), xml_hash)
+    record = dx.config_record(resolved.config)
+    return Desired(config.name, source, resolved.config.hash, record, xml_hash)
 
 
 # --- what libvirt holds --------------------------------------------------------------------

@@ -467,13 +467,26 @@ def ensure(
     *,
     report: Report = lambda _t: None,
     progress: Progress | None = None,
+    local: bool = True,
 ) -> list[Path]:
     """Make the base image and the seed that ``resolved`` names (the boot overlay is made by
-    define, with the other disks). Returns the files made now."""
+    define, with the other disks). Returns the files made now. Not ``local``: the VM's host
+    is another machine; the image is made in this machine's store, to be copied there (the
+    seed is made there: :func:`.hostfiles.bring_inputs`)."""
     if resolved.ref is None and resolved.seed is None:
         return []
-    check_store_host(conn)
     store = (resolved.base or resolved.seed or store_dir()).parent
+    if not local:
+        if resolved.ref is None:
+            return []
+        try:
+            made = obtain(resolved.ref, store, report=report, progress=progress)
+        except OSError as err:
+            raise OzoneError(
+                f"{err.filename or store}: {err.strerror}", hint=f"the image store is {store}"
+            ) from None
+        return [resolved.base or store] if made else []
+    check_store_host(conn)
     try:
         return _ensure(conn, resolved, store, report=report, progress=progress)
     except OSError as err:

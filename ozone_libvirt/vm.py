@@ -61,7 +61,9 @@ from .storage import (
 )
 
 if TYPE_CHECKING:
+    from . import images
     from .config import Disk, VMConfig
+    from .placement import Placement
 
 POLL = 0.05
 
@@ -416,10 +418,25 @@ def _define(
     dx.domain_type(config, facts)  # refuses kvm where there is none, before any change
     dx.check_machine(config, facts)
     _check_network(conn, config)
-    if resolved.ref is not None:
+    if resolved.ref is not None and local:
         imagestore.check_overlay(config, config.disks[0])
-    made = imagestore.ensure(conn, resolved, report=report, progress=progress)
+    made = imagestore.ensure(conn, resolved, report=report, progress=progress, local=local)
     formats: dict[Path, str] = {}
+    placement = None
+    if not local:  # the files go to the VM's host, through libvirt
+        from . import hostfiles
+        from .placement import place
+
+        placement = place(config, resolved, digest=hostfiles.file_digest)
+        made += hostfiles.bring_inputs(
+            conn,
+            placement,
+            resolved,
+            qemu=parse_label(facts.qemu_label),
+            report=report,
+            progress=progress,
+        )
+        config = placement.config
     if local:
         check_host_paths(config)
         formats = _readable_inputs(config, facts)
@@ -469,7 +486,7 @@ def _define(
             backing_formats=formats,
             forwards=forwards,
         )
-        overlay = config.disks[0] if resolved.ref is not None else None
+        overlay = config.disks[0] if resolved.ref is not None and local else None
         if overlay is not None:
             virtual = imagestore.check_overlay(config, overlay)  # again: a define may have run
             note = imagestore.grow_overlay(
@@ -482,7 +499,7 @@ def _define(
             if note:
                 notes.append(note)
         dom, created = _define_with_disks(
-            conn, config, dx.to_string(root), local=local, overlay=overlay
+            conn, config, dx.to_string(root), overlay=overlay, placement=placement
         )
     if qmp is not None and qmp.kind == "tcp":
         notes.append(f"QMP on {qmp} is open to every local user: `qmp: auto` is private")
@@ -512,7 +529,7 @@ def desired_xml(
     local = is_local(conn)
     facts = host_facts(conn)
     key = ssh.vm_public_key(config.name, create=False) if config.uses_cloud_init else None
-    config = images.resolve(config, vm_key=key).config
+    config = placed(conn, images.resolve(config, vm_key=key))
     formats: dict[Path, str] = {}
     root = os.geteuid() == 0
     if local:
@@ -538,6 +555,21 @@ def desired_xml(
     return dx.to_string(built)
 
 
+def placed(conn: libvirt.virConnect, resolved: images.Resolved) -> VMConfig:
+    """The resolved config with the paths its files have on the VM's host: on another
+    machine, :func:`.placement.place`'s (a file missing here keeps its path: define
+    says so)."""
+    if is_local(conn):
+        return resolved.config
+    from .hostfiles import file_digest
+    from .placement import place
+
+    try:
+        return place(resolved.config, resolved, digest=file_digest).config
+    except OSError:
+        return resolved.config
+
+
 _REFUSED_CONFIG = (
     libvirt.VIR_ERR_CONFIG_UNSUPPORTED,
     libvirt.VIR_ERR_XML_ERROR,
@@ -550,43 +582,51 @@ def _define_with_disks(
     config: VMConfig,
     xml: str,
     *,
-    local: bool,
     overlay: Disk | None = None,
+    placement: Placement | None = None,
 ) -> tuple[libvirt.virDomain, list[Path]]:
     """Create the missing disks, then the domain; if libvirt refuses it, remove the disks
     again (a failed define leaves nothing behind). ``overlay``: the boot disk over the
-    config's image, made as a volume of the image store's pool."""
-    created: list[Path] = []
+    config's image, made as a volume of the image store's pool. ``placement``: the VM's
+    host is another machine, where its disks are made as volumes."""
+    if placement is not None:
+        from . import hostfiles
+
+        created = hostfiles.make_disks(conn, placement)
+        try:
+            return _define_xml(conn, config, xml), created
+        except BaseException:
+            hostfiles.remove(conn, created)
+            raise
+    created = []
     try:
-        for i, disk in enumerate(config.disks):
+        for disk in config.disks:
             if disk == overlay and not disk.path.exists() and disk.backing is not None:
                 from .imagestore import create_overlay
 
                 create_overlay(conn, disk.path.parent, disk.path, disk.backing, disk.size)
                 created.append(disk.path)
             elif not disk.path.exists():
-                if not local:
-                    raise ConfigError(
-                        f"{disk.path} does not exist and ozone creates disks only on a local host",
-                        field=f"disks[{i}].path",
-                    )
                 create_disk(disk)
                 created.append(disk.path)
-
-        def refused(err: libvirt.libvirtError) -> OzoneError | None:
-            if err.get_error_code() not in _REFUSED_CONFIG:
-                return None
-            return ConfigError(
-                f"libvirt refused the VM: {err.get_error_message()}",
-                file=str(config.source) if config.source else None,
-            )
-
-        with libvirt_errors(name=config.name, explain=refused):
-            dom = conn.defineXML(xml)
+        dom = _define_xml(conn, config, xml)
     except BaseException:
         remove_files(created)
         raise
     return dom, created
+
+
+def _define_xml(conn: libvirt.virConnect, config: VMConfig, xml: str) -> libvirt.virDomain:
+    def refused(err: libvirt.libvirtError) -> OzoneError | None:
+        if err.get_error_code() not in _REFUSED_CONFIG:
+            return None
+        return ConfigError(
+            f"libvirt refused the VM: {err.get_error_message()}",
+            file=str(config.source) if config.source else None,
+        )
+
+    with libvirt_errors(name=config.name, explain=refused):
+        return conn.defineXML(xml)
 
 
 # --- start / stop ----------------------------------------------------------------------
@@ -895,6 +935,7 @@ def undefine(
     path). If one fails, nothing changes. Returns the files removed."""
     dom = lookup(conn, name)
     active = is_active(dom)
+    local = is_local(conn)
     if active and not force:
         raise StateError(f"{name} is running", hint=f"`ozone stop {name}` first, or pass --force")
     with host_lock("define"):  # no define may take up a disk between the check and the delete
@@ -902,12 +943,7 @@ def undefine(
         if remove_storage:
             xml = call(dom.XMLDesc, libvirt.VIR_DOMAIN_XML_INACTIVE, name=name)
             images = [use.path for use in dx.files_of(xml) if use.role == "disk"]
-            if images and not is_local(conn):
-                raise OzoneError(
-                    "--remove-storage works only on the VM's own host; nothing was changed",
-                    hint=f"`ozone undefine {name}` keeps the disks",
-                )
-            _check_deletable(conn, name, images)
+            _check_deletable(conn, name, images, local=local)
         if active:
             call(dom.destroy, name=name)
         flags = (
@@ -917,8 +953,8 @@ def undefine(
         )
         ours = metadata(dom) is not None
         call(dom.undefineFlags, flags, name=name)
-        removed, failed = remove_files(images)
-    if ours and is_local(conn):  # keys are per name: a remote VM's may be a local one's
+        removed, failed = remove_files(images) if local else _remove_volumes(conn, images)
+    if ours and local:  # keys are per name: a remote VM's may be a local one's
         from .ssh import forget
 
         forget(name)
@@ -930,11 +966,13 @@ def undefine(
     return [str(p) for p in removed]
 
 
-def _check_deletable(conn: libvirt.virConnect, name: str, images: list[Path]) -> None:
-    around = neighbours(conn, except_name=name)
+def _check_deletable(
+    conn: libvirt.virConnect, name: str, images: list[Path], *, local: bool
+) -> None:
+    around = neighbours(conn, except_name=name, local=local)
     problems = []
     for image in images:
-        reason = why_not_deletable(image)
+        reason = why_not_deletable(image) if local else _why_not_deletable_there(conn, image)
         users = around.uses(image) if reason is None else []
         if users:
             reason = "VM " + ", ".join(users) + " uses it"
@@ -945,6 +983,36 @@ def _check_deletable(conn: libvirt.virConnect, name: str, images: list[Path]) ->
             "not deleting " + "; ".join(problems) + ": nothing was changed",
             hint=f"`ozone undefine {name}` without --remove-storage keeps the disks",
         )
+
+
+def _why_not_deletable_there(conn: libvirt.virConnect, path: Path) -> str | None:
+    """:func:`.storage.why_not_deletable` for a file of another host, as its storage pool
+    sees it."""
+    from .hostfiles import info
+
+    held = info(conn, path)
+    if held is None:
+        return None
+    if held.type != "file":
+        return f"it is not a regular file (a {held.type} volume)"
+    if path.suffix.lower() == ".iso":
+        return "it is an ISO image"
+    return None
+
+
+def _remove_volumes(
+    conn: libvirt.virConnect, paths: list[Path]
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    from .hostfiles import delete
+
+    removed, failed = [], []
+    for path in paths:
+        try:
+            if delete(conn, path):
+                removed.append(path)
+        except OzoneError as err:
+            failed.append((path, err.message))
+    return removed, failed
 
 
 # --- list / status ---------------------------------------------------------------------
@@ -1019,13 +1087,54 @@ def dumpxml(conn: libvirt.virConnect, name: str, *, inactive: bool = False) -> s
     return str(call(dom.XMLDesc, flags, name=name))
 
 
-def serial_log(conn: libvirt.virConnect, name: str) -> Path:
+@dataclass(frozen=True)
+class SerialLog:
+    """A VM's serial log on its host: a file here, or a volume there read through libvirt."""
+
+    conn: libvirt.virConnect
+    path: Path
+    local: bool
+
+    def size(self) -> int | None:
+        """Its length now; None when there is none yet (the VM never ran)."""
+        if self.local:
+            try:
+                return self.path.stat().st_size
+            except FileNotFoundError:
+                return None
+            except PermissionError:
+                raise self._unreadable() from None
+        from .hostfiles import info
+
+        held = info(self.conn, self.path)
+        return held.physical if held is not None else None
+
+    def read(self, offset: int = 0) -> bytes:
+        """Its bytes from ``offset`` (b"" when there is no log)."""
+        if self.local:
+            try:
+                with self.path.open("rb") as handle:
+                    handle.seek(offset)
+                    return handle.read()
+            except FileNotFoundError:
+                return b""
+            except PermissionError:
+                raise self._unreadable() from None
+        from .hostfiles import download
+
+        if self.size() is None:
+            return b""
+        return download(self.conn, self.path, offset=offset)
+
+    def _unreadable(self) -> OzoneError:
+        return OzoneError(f"cannot read {self.path}: permission denied", hint="run as root")
+
+
+def serial_log(conn: libvirt.virConnect, name: str) -> SerialLog:
     xml = dumpxml(conn, name)
     log = dx.serial_log_of(xml)
     if not log:
         raise NotFoundError(
             f"{name} has no serial log file", hint="ozone VMs log their serial port"
         )
-    if not is_local(conn):
-        raise OzoneError(f"the serial log of {name} is on the libvirt host, not here: {log}")
-    return Path(log)
+    return SerialLog(conn, Path(log), is_local(conn))

@@ -1,0 +1,155 @@
+"""Where a VM's files go on a host that is not this machine (pure: no libvirt, no writes).
+
+A config names files of this machine: its disks (relative to the config's folder), an ISO,
+a kernel, backing images, and the image store's base image and cloud-init seed. On another
+host those paths mean nothing, so each becomes a volume in one of ozone's pools there
+(:mod:`.hostfiles`):
+
+- a writable disk with a ``size`` is made there, empty (or as an overlay over its backing
+  image), as ``/var/lib/ozone/vms/NAME-FILE``; one without a size is a prepared image, copied
+  from this machine once;
+- the boot overlay over a store image stays in the store: ``/var/lib/ozone/images/NAME.root.qcow2``;
+- the store's base images, kernels and seeds keep their names (they say what they hold) in
+  ``/var/lib/ozone/images``;
+- every other read-only file (an ISO, a kernel, a backing image, a read-only disk) is copied
+  once to ``/var/lib/ozone/files/STEM-DIGEST.EXT``, named by its content, and shared by every
+  VM that uses the same file.
+
+The same config always gives the same paths, so ``ozone apply`` compares what a define
+would write with what the host holds, and a migrated VM finds its files at the same paths
+on every host ozone put them on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from .config import Disk, VMConfig
+    from .images import Resolved
+
+OZONE_DIR = Path("/var/lib/ozone")
+VMS_DIR = OZONE_DIR / "vms"  # disks of VMs whose config lives on another machine
+FILES_DIR = OZONE_DIR / "files"  # read-only inputs from this machine (ISOs, kernels, images)
+LOGS_DIR = OZONE_DIR / "logs"  # serial logs, read back through libvirt
+IMAGES_DIR = OZONE_DIR / "images"  # the image store there (images.SYSTEM_STORE)
+POOLS = {  # ozone's pools on a host, by their folder (images.POOL is the store's)
+    VMS_DIR: "ozone-vms",
+    FILES_DIR: "ozone-files",
+    LOGS_DIR: "ozone-logs",
+    IMAGES_DIR: "ozone-images",
+}
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One file the host must hold before the domain is defined."""
+
+    kind: Literal["upload", "create", "seed"]
+    target: Path  # on the host
+    where: str  # the config's field, for messages: "disks[0]", "cdrom"
+    source: Path | None = None  # upload: the file of this machine
+    capacity: int | None = None  # create: the disk's size
+    format: str = "qcow2"
+    backing: Path | None = None  # create: an overlay over this (a path on the host)
+    backing_format: str | None = None
+    mode: str = "0644"
+
+
+@dataclass(frozen=True)
+class Placement:
+    config: VMConfig  # the config with the host's paths
+    transfers: tuple[Transfer, ...]
+    # files of the host the placement made up (their paths), by the config's path here
+    paths: dict[Path, Path] = dataclasses.field(default_factory=dict)
+
+
+def place(
+    config: VMConfig, resolved: Resolved | None, *, digest: Callable[[Path], str]
+) -> Placement:
+    """The host's paths for ``config`` (already resolved by :func:`.images.resolve`:
+    ``resolved`` says which files are the store's) and what must be copied or made there.
+    ``digest``: a short digest of a file of this machine."""
+    store = _store_of(resolved)
+    paths: dict[Path, Path] = {}
+    transfers: list[Transfer] = []
+
+    def read_only(path: Path, where: str) -> Path:
+        """A read-only input, copied once."""
+        if path in paths:
+            return paths[path]
+        if store is not None and path.parent == store:
+            target = IMAGES_DIR / path.name  # the store's own names say what they hold
+            mode = "0444"
+        else:
+            target = FILES_DIR / f"{path.stem}-{digest(path)}{path.suffix}"
+            mode = "0644"
+        paths[path] = target
+        if resolved is not None and path == resolved.seed:
+            transfers.append(Transfer("seed", target, where, mode="0400"))
+        else:
+            transfers.append(Transfer("upload", target, where, source=path, mode=mode))
+        return target
+
+    disks: list[Disk] = []
+    overlay = config.disks[0] if resolved is not None and resolved.ref is not None else None
+    for i, disk in enumerate(config.disks):
+        where = f"disks[{i}]"
+        backing = read_only(disk.backing, f"{where}.backing") if disk.backing else None
+        if disk.readonly:
+            target = read_only(disk.path, where)
+        elif disk is overlay:
+            target = IMAGES_DIR / disk.path.name
+            transfers.append(
+                Transfer(
+                    "create",
+                    target,
+                    where,
+                    capacity=disk.size,
+                    backing=backing,
+                    backing_format="qcow2",
+                    mode="0600",
+                )
+            )
+        else:
+            target = VMS_DIR / f"{config.name}-{disk.path.name}"
+            if disk.size is None and disk.backing is None:
+                transfers.append(Transfer("upload", target, where, source=disk.path, mode="0600"))
+            else:
+                transfers.append(
+                    Transfer(
+                        "create",
+                        target,
+                        where,
+                        capacity=disk.size,
+                        format=disk.format,
+                        backing=backing,
+                        backing_format="qcow2" if backing else None,
+                        mode="0600",
+                    )
+                )
+        paths[disk.path] = target
+        disks.append(dataclasses.replace(disk, path=target, backing=backing))
+    cdrom, kernel, initrd = (
+        read_only(path, field) if path is not None else None
+        for path, field in (
+            (config.cdrom, "cdrom"),
+            (config.kernel, "kernel"),
+            (config.initrd, "initrd"),
+        )
+    )
+    config = dataclasses.replace(
+        config, disks=tuple(disks), cdrom=cdrom, kernel=kernel, initrd=initrd
+    )
+    return Placement(config, tuple(transfers), paths)
+
+
+def _store_of(resolved: Resolved | None) -> Path | None:
+    if resolved is None:
+        return None
+    made = resolved.base or resolved.seed
+    return made.parent if made is not None else None
