@@ -147,8 +147,15 @@ def held_state(dom: libvirt.virDomain, *, local: bool) -> Held | None:
     running = bool(call(dom.isActive, name=name))
     live = parse_metadata(_xml(dom, 0)) if running else None
     missing: tuple[str, ...] = ()
-    if local:  # a file the definition names is gone: define makes what it can again
+    # a file the definition names is gone: define makes (or copies) what it can again
+    if local:
         missing = tuple(str(u.path) for u in dx.files_of(inactive) if not _exists(u.path))
+    else:
+        from .hostfiles import exists
+
+        conn = dom.connect()
+        uses = dx.files_of(inactive)
+        missing = tuple(str(u.path) for u in uses if exists(conn, u.path) is False)
     keeps = []
     if call(dom.hasManagedSaveImage, 0, name=name):
         keeps.append("saved state")

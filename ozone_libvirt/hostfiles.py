@@ -149,14 +149,34 @@ class VolumeInfo:
     path: Path
     capacity: int  # the disk's size as the guest sees it
     physical: int  # the file's length
+    allocation: int  # the space it takes on the host's disk
     format: str
     backing: Path | None
     type: str = "file"  # file, block, dir, …
 
 
+def started_pool(conn: libvirt.virConnect, folder: Path) -> libvirt.virStoragePool | None:
+    """The started pool of ``folder`` on the host, refreshed; None if it has none (a
+    question about a file defines no pool)."""
+    pool = _pool_covering(conn, folder)
+    if pool is None or not call(pool.isActive):
+        return None
+    call(pool.refresh, 0)
+    return pool
+
+
+def _lookup(pool: libvirt.virStoragePool, name: str) -> libvirt.virStorageVol | None:
+    return if_exists(pool.storageVolLookupByName, name, missing=libvirt.VIR_ERR_NO_STORAGE_VOL)
+
+
 def _volume(conn: libvirt.virConnect, path: Path) -> libvirt.virStorageVol | None:
-    pool = ensure_pool(conn, path.parent)
-    return if_exists(pool.storageVolLookupByName, path.name, missing=libvirt.VIR_ERR_NO_STORAGE_VOL)
+    return _lookup(ensure_pool(conn, path.parent), path.name)
+
+
+def exists(conn: libvirt.virConnect, path: Path) -> bool | None:
+    """Does the host hold ``path``? None: cannot tell (no started pool covers its folder)."""
+    pool = started_pool(conn, path.parent)
+    return None if pool is None else _lookup(pool, path.name) is not None
 
 
 def info(conn: libvirt.virConnect, path: Path) -> VolumeInfo | None:
@@ -171,12 +191,42 @@ def info(conn: libvirt.virConnect, path: Path) -> VolumeInfo | None:
         path=path,
         capacity=int(root.findtext("capacity") or 0),
         physical=int(root.findtext("physical") or root.findtext("capacity") or 0),
+        allocation=int(root.findtext("allocation") or 0),
         format=root.find("target/format").get("type", "raw")  # type: ignore[union-attr]
         if root.find("target/format") is not None
         else "raw",
         backing=Path(backing) if backing else None,
         type=root.get("type", "file"),
     )
+
+
+def backing_chains(conn: libvirt.virConnect, paths: list[Path]) -> dict[Path, list[Path]]:
+    """The backing images under each of ``paths`` (disk images of the host), as its
+    storage pools see them: one refresh per folder, one volume lookup per image."""
+    pools: dict[Path, libvirt.virStoragePool | None] = {}
+    backing_of: dict[Path, Path | None] = {}
+
+    def backing(path: Path) -> Path | None:
+        if path not in backing_of:
+            if path.parent not in pools:
+                pools[path.parent] = started_pool(conn, path.parent)
+            pool = pools[path.parent]
+            vol = _lookup(pool, path.name) if pool is not None else None
+            text = None
+            if vol is not None:
+                text = etree.fromstring(call(vol.XMLDesc, 0).encode()).findtext("backingStore/path")
+            backing_of[path] = Path(text) if text else None
+        return backing_of[path]
+
+    chains = {}
+    for path in paths:
+        chain: list[Path] = []
+        below = backing(path)
+        while below is not None and below not in chain and len(chain) < 16:
+            chain.append(below)
+            below = backing(below)
+        chains[path] = chain
+    return chains
 
 
 def _permissions(mode: str, owner: tuple[int, int] | None) -> etree._Element:

@@ -599,17 +599,48 @@ def stored(store: Path) -> list[tuple[ImageRef, dict[str, Any]]]:
     return found
 
 
+def stored_there(conn: libvirt.virConnect) -> list[tuple[ImageRef, dict[str, Any]]]:
+    """:func:`stored` for the store of another host (read through libvirt)."""
+    from . import hostfiles
+    from .placement import IMAGES_DIR
+
+    pool = hostfiles.ensure_pool(conn, IMAGES_DIR)
+    found = []
+    for name in sorted(call(pool.listVolumes)):
+        if not name.endswith(".json"):
+            continue
+        with contextlib.suppress(ValueError, UnicodeDecodeError, NotFoundError):
+            meta = json.loads(hostfiles.download(conn, IMAGES_DIR / name))
+            whose = isinstance(meta, dict) and meta.get("id") == name.removesuffix(".json")
+            if whose and isinstance(meta.get("spec"), dict):
+                found.append((ImageRef(meta["id"], meta["spec"]), meta))
+    return found
+
+
 def list_images(conn: libvirt.virConnect, store: Path | None = None) -> list[ImageInfo]:
+    """The images of the VM host's store (this machine's, or another host's through
+    libvirt), with the VMs that use each."""
     from .vm import neighbours
 
-    store = store or store_dir()
-    around = neighbours(conn, local=is_local(conn))
+    local = is_local(conn)
+    if local:
+        store = store or store_dir()
+        images = stored(store)
+    else:
+        from . import hostfiles
+        from .placement import IMAGES_DIR
+
+        store, images = IMAGES_DIR, stored_there(conn)
+    around = neighbours(conn, local=local)
     infos = []
-    for ref, meta in stored(store):
+    for ref, meta in images:
         size = 0
         for path in ref.files(store):
-            with contextlib.suppress(OSError):
-                size += path.stat().st_blocks * 512
+            if local:
+                with contextlib.suppress(OSError):
+                    size += path.stat().st_blocks * 512
+            elif (held := hostfiles.info(conn, path)) is not None:
+                size += held.allocation
         users = sorted({u.split(" (")[0] for u in around.uses(ref.disk(store))})
         infos.append(
             ImageInfo(
@@ -628,9 +659,10 @@ def _number(value: object) -> float:
     return float(value) if isinstance(value, (int, float)) else 0.0
 
 
-def find_image(name: str, store: Path) -> ImageRef:
-    """An image by its id, a unique prefix of it, or its catalogue name."""
-    refs = [ref for ref, _meta in stored(store)]
+def find_image(name: str, store: Path, refs: list[ImageRef] | None = None) -> ImageRef:
+    """An image by its id, a unique prefix of it, or its catalogue name (among ``refs``:
+    another host's; else the store's)."""
+    refs = refs if refs is not None else [ref for ref, _meta in stored(store)]
     exact = [r for r in refs if r.id == name or r.spec.get("name") == name]
     # a prefix names an image only when it is a real part of the id (not "", not "d")
     found = exact or [r for r in refs if len(name) >= 4 and r.id.startswith(name)]
@@ -651,6 +683,8 @@ def remove_image(conn: libvirt.virConnect, name: str, store: Path | None = None)
     from .state import host_lock
     from .vm import neighbours
 
+    if not is_local(conn):
+        return _remove_image_there(conn, name)
     store = store or store_dir()
     ref = find_image(name, store)
     with host_lock("define"), _image_lock(store, ref.id):
@@ -676,6 +710,31 @@ def remove_image(conn: libvirt.virConnect, name: str, store: Path | None = None)
                 path.unlink()
                 removed.append(str(path))
     refresh(conn, store)
+    return removed
+
+
+def _remove_image_there(conn: libvirt.virConnect, name: str) -> list[str]:
+    """:func:`remove_image` in another host's store, through libvirt. (Boot cache entries
+    there that were built on it cannot restore any more: a run then boots.)"""
+    from . import hostfiles
+    from .placement import IMAGES_DIR
+    from .state import host_lock
+    from .vm import neighbours
+
+    where = f"{IMAGES_DIR} on {hostfiles.host_name(conn)}"
+    ref = find_image(name, Path(where), [ref for ref, _meta in stored_there(conn)])
+    with host_lock("define"):
+        users = neighbours(conn, local=False).uses(ref.disk(IMAGES_DIR))
+        if users:
+            raise ConflictError(
+                f"image {ref.id} is used by VM " + ", ".join(users) + ": nothing was removed",
+                hint="undefine those VMs first (`ozone undefine NAME --remove-storage` "
+                "removes a VM's overlay, never its image)",
+            )
+        removed = []
+        for path in [ref.meta(IMAGES_DIR), *ref.files(IMAGES_DIR)]:  # its JSON first
+            if hostfiles.delete(conn, path) and path.suffix != ".json":
+                removed.append(str(path))
     return removed
 
 

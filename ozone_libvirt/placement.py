@@ -145,6 +145,10 @@ def place(
     config = dataclasses.replace(
         config, disks=tuple(disks), cdrom=cdrom, kernel=kernel, initrd=initrd
     )
+    if store is not None and resolved is not None and resolved.ref is not None:
+        # what made the image, last (as in the store here): `ozone image list` there reads it
+        meta = resolved.ref.meta(store)
+        transfers.append(Transfer("upload", IMAGES_DIR / meta.name, "image", source=meta))
     return Placement(config, tuple(transfers), paths)
 
 

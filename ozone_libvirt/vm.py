@@ -180,6 +180,7 @@ def neighbours(
     files: dict[Path, list[str]] = {}
     inodes: dict[tuple[int, int], list[str]] = {}
     ports: list[tuple[Forward, str]] = []
+    domains = []
     for dom in call(conn.listAllDomains, 0):
         name = dom.name()
         if name == except_name:
@@ -195,11 +196,20 @@ def neighbours(
             endpoint = meta.qmp_endpoint
             if endpoint and endpoint.kind == "tcp" and endpoint.host and endpoint.port:
                 ports.append((Forward("tcp", endpoint.host, endpoint.port, 0), name))
+        domains.append((name, dx.files_of(xml)))
+    chains = {}
+    if not local:  # another host's: its storage pools know the backing images
+        from .hostfiles import backing_chains
+
+        disks = [u.path for _name, uses in domains for u in uses if u.role == "disk"]
+        chains = backing_chains(conn, disks)
+    for name, file_uses in domains:
         seen: set[Path] = set()
-        for use in dx.files_of(xml):
+        for use in file_uses:
             uses = [(use.role, use.path)]
-            if local and use.role == "disk":
-                uses += [("backing image", p) for p in backing_chain(use.path)]
+            if use.role == "disk":
+                chain = backing_chain(use.path) if local else chains.get(use.path, [])
+                uses += [("backing image", p) for p in chain]
             for role, path in uses:
                 if path in seen:
                     continue
