@@ -27,7 +27,13 @@ import libvirt
 
 from .agent import Agent
 from .cache import prune_cache
-from .connection import domain_metadata, find_domain, find_domain_by_uuid, open_connection
+from .connection import (
+    domain_metadata,
+    find_domain,
+    find_domain_by_uuid,
+    is_local,
+    open_connection,
+)
 from .errors import OzoneError
 from .execute import STAGE_FOLDER
 from .imagestore import store_debris
@@ -150,7 +156,10 @@ def _in_guest(conn: libvirt.virConnect, data: dict[str, Any], script: str, *, dr
 
 
 def _qmp_sockets(conn: libvirt.virConnect, result: _Sweep) -> None:
-    """Sockets in ozone's QMP folder whose VM is gone or has another endpoint now."""
+    """Sockets in ozone's QMP folder whose VM is gone or has another endpoint now (the
+    folder is this machine's: only its own VMs say whether a socket is in use)."""
+    if not is_local(conn):
+        return
     folder = qmp_folder(session=conn.getURI().startswith("qemu:///session"))
     if not folder.is_dir():
         return

@@ -153,6 +153,7 @@ class VolumeInfo:
     format: str
     backing: Path | None
     type: str = "file"  # file, block, dir, …
+    mtime: float = 0.0  # when it was last written (seconds since the epoch)
 
 
 def started_pool(conn: libvirt.virConnect, folder: Path) -> libvirt.virStoragePool | None:
@@ -197,6 +198,7 @@ def info(conn: libvirt.virConnect, path: Path) -> VolumeInfo | None:
         else "raw",
         backing=Path(backing) if backing else None,
         type=root.get("type", "file"),
+        mtime=float(root.findtext("target/timestamps/mtime") or 0),
     )
 
 

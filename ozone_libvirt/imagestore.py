@@ -845,6 +845,8 @@ def store_debris(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str
     from .state import host_lock, host_lock_if_free
     from .vm import neighbours
 
+    if not is_local(conn):
+        return _debris_there(conn, dry_run=dry_run)
     store = store_dir()
     if not store.is_dir():
         return []
@@ -879,4 +881,33 @@ def store_debris(conn: libvirt.virConnect, *, dry_run: bool = False) -> list[str
                     seed.unlink(missing_ok=True)
     if removed and not dry_run:
         refresh(conn, store)
+    return removed
+
+
+def _debris_there(conn: libvirt.virConnect, *, dry_run: bool) -> list[str]:
+    """:func:`store_debris` on another host: the copies ozone made there of this machine's
+    files (ISOs, kernels, backing images) and its seeds, that no VM there uses and that were
+    not made in the last 10 minutes. (Copies are named by their content: a define that
+    needs one again copies it again. This machine's defines hold the define lock; one run
+    from another machine at the same moment may find a copy gone, and fails.)"""
+    from . import hostfiles
+    from .placement import FILES_DIR, IMAGES_DIR
+    from .state import host_lock
+    from .vm import neighbours
+
+    removed = []
+    now = time.time()
+    with host_lock("define"):
+        around = neighbours(conn, local=False)
+        for folder, pattern in ((FILES_DIR, "*"), (IMAGES_DIR, "seed-*.iso")):
+            pool = hostfiles.started_pool(conn, folder)
+            for name in sorted(call(pool.listVolumes)) if pool is not None else []:
+                path = folder / name
+                held = hostfiles.info(conn, path)
+                fresh = held is None or now - held.mtime < SEED_GRACE
+                if fresh or not Path(name).match(pattern) or around.uses(path):
+                    continue
+                removed.append(f"{path} on {hostfiles.host_name(conn)}")
+                if not dry_run:
+                    hostfiles.delete(conn, path)
     return removed

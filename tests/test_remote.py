@@ -280,3 +280,21 @@ def test_a_pool_name_taken_for_another_folder_is_one_line(second_host, tmp_path)
             )  # fmt: skip
             virsh_there(second_host, "pool-start", "ozone-files")
         forget_there(second_host, name)
+
+
+def test_gc_there_removes_unused_copies_and_leaves_this_machine_alone(second_host, remote_vm):
+    """`ozone -c URI gc` sweeps that host's copies no VM uses (made over 10 minutes ago), never
+    one in use, and never a file of this machine's (its QMP sockets, its store's seeds)."""
+    unused = FILES / f"unused-{os.getpid()}.iso"
+    made = virsh_there(second_host, "vol-create-as", "ozone-files", unused.name, "1M")
+    assert made.returncode == 0, made.stderr
+    in_use = copy_of_the_iso(second_host, remote_vm)
+    for path in (unused, in_use):
+        assert on_second_host("touch", "-d", "1 hour ago", str(path)).returncode == 0
+    proc = there(second_host, "gc", "--json")
+    assert proc.returncode == 0, proc.stderr
+    removed = json.loads(proc.stdout)["removed"]
+    assert any(str(unused) in r for r in removed), removed
+    assert not has_file_there(unused)
+    assert has_file_there(in_use)
+    assert all("127.0.0.1" in r for r in removed if "/var/lib/ozone/" in r), removed
