@@ -455,10 +455,11 @@ def bring_inputs(
     return copied
 
 
-def make_disks(conn: libvirt.virConnect, placement: Placement) -> list[Path]:
-    """Make the placement's missing disks on the host (a disk that is there is kept: it
-    must be no bigger than asked, and an overlay over the same image). Returns those made,
-    for the caller to remove if the domain is refused."""
+def make_disks(conn: libvirt.virConnect, placement: Placement, *, running: bool) -> list[Path]:
+    """Make the placement's missing disks on the host. A disk that is there is kept: it
+    must be an overlay over the same image, and no bigger than asked; a smaller one grows
+    to the size asked while the VM is off (``running``: it is on). Returns those made, for
+    the caller to remove if the domain is refused."""
     from .storage import image_info
 
     made: list[Path] = []
@@ -477,7 +478,7 @@ def make_disks(conn: libvirt.virConnect, placement: Placement) -> list[Path]:
                 virtual = int(facts.get("virtual-size", 0))  # type: ignore[call-overload]
                 capacity = max(capacity or virtual, virtual)
             if held is not None:
-                _check_held(conn, placement, transfer, held, capacity)
+                _check_held(conn, placement, transfer, held, capacity, running=running)
                 continue
             create(
                 conn,
@@ -501,8 +502,11 @@ def _check_held(
     transfer: Transfer,
     held: VolumeInfo,
     capacity: int | None,
+    *,
+    running: bool,
 ) -> None:
-    """A disk the host holds already serves the config only as what it was made."""
+    """A disk the host holds already serves the config only as what it was made, at the
+    size the config asks."""
     name = placement.config.name
     if transfer.backing is not None and held.backing != transfer.backing:
         raise ConflictError(
@@ -517,6 +521,24 @@ def _check_held(
             f"more than the {capacity >> 20} MiB its config asks for ({transfer.where})",
             hint="disks do not shrink: give its size in the config",
         )
+    if capacity is not None and held.capacity < capacity:
+        if running:
+            raise ConflictError(
+                f"{name}'s disk {held.path} on {host_name(conn)} is {held.capacity >> 20} MiB "
+                f"and grows to {capacity >> 20} MiB only while {name} is off",
+                hint=f"`ozone stop {name}`, then define it again",
+            )
+        vol = _volume(conn, held.path)
+        assert vol is not None
+        with libvirt_errors(explain=lambda err: _cannot_grow(conn, held.path, err)):
+            vol.resize(capacity, 0)
+
+
+def _cannot_grow(conn: libvirt.virConnect, path: Path, err: libvirt.libvirtError) -> OzoneError:
+    return OzoneError(
+        f"cannot grow {path} on {host_name(conn)}: {err.get_error_message()}",
+        hint="nothing of the VM was changed",
+    )
 
 
 def remove(conn: libvirt.virConnect, paths: list[Path]) -> None:

@@ -509,7 +509,12 @@ def _define(
             if note:
                 notes.append(note)
         dom, created = _define_with_disks(
-            conn, config, dx.to_string(root), overlay=overlay, placement=placement
+            conn,
+            config,
+            dx.to_string(root),
+            overlay=overlay,
+            placement=placement,
+            running=existing is not None and is_active(existing),
         )
     if qmp is not None and qmp.kind == "tcp":
         notes.append(f"QMP on {qmp} is open to every local user: `qmp: auto` is private")
@@ -594,6 +599,7 @@ def _define_with_disks(
     *,
     overlay: Disk | None = None,
     placement: Placement | None = None,
+    running: bool = False,
 ) -> tuple[libvirt.virDomain, list[Path]]:
     """Create the missing disks, then the domain; if libvirt refuses it, remove the disks
     again (a failed define leaves nothing behind). ``overlay``: the boot disk over the
@@ -602,7 +608,7 @@ def _define_with_disks(
     if placement is not None:
         from . import hostfiles
 
-        created = hostfiles.make_disks(conn, placement)
+        created = hostfiles.make_disks(conn, placement, running=running)
         try:
             return _define_xml(conn, config, xml), created
         except BaseException:

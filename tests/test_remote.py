@@ -229,7 +229,10 @@ def test_an_unreachable_host_is_one_line_naming_it(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_a_disk_bigger_on_that_host_than_the_config_asks_is_refused(second_host, tmp_path):
+def test_a_disk_bigger_on_that_host_than_the_config_asks_is_refused(
+    second_host, remote_vm, tmp_path
+):
+    del remote_vm  # (it made ozone-vms, where the disk goes)
     name = f"{PREFIX}remote-big"
     disk = VMS / f"{name}-disk.qcow2"
     made = virsh_there(second_host, "vol-create-as", "ozone-vms", disk.name, "128M",
@@ -247,6 +250,12 @@ def test_a_disk_bigger_on_that_host_than_the_config_asks_is_refused(second_host,
         assert "128 MiB" in first and "127.0.0.1" in first, proc.stderr
         assert virsh_there(second_host, "domstate", name).returncode != 0  # nothing defined
         assert has_file_there(disk)  # and the disk that was there is left as it was
+        # a bigger size grows it (the VM is off)
+        config.write_text(config.read_text().replace('"64MiB"', '"256MiB"'))
+        grown = there(second_host, "define", str(config))
+        assert grown.returncode == 0, grown.stderr
+        info = virsh_there(second_host, "vol-info", str(disk), "--bytes").stdout
+        assert f"{256 << 20} bytes" in info, info
     finally:
         forget_there(second_host, name)
 
