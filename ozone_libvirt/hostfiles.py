@@ -470,7 +470,7 @@ def make_disks(conn: libvirt.virConnect, placement: Placement, *, running: bool)
                 continue
             held = info(conn, transfer.target)
             capacity = transfer.capacity
-            backing_format = transfer.backing_format
+            backing_format = None
             source = sources.get(transfer.backing) if transfer.backing else None
             if source is not None:
                 facts = image_info(source)

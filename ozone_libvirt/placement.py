@@ -56,7 +56,6 @@ class Transfer:
     capacity: int | None = None  # create: the disk's size
     format: str = "qcow2"
     backing: Path | None = None  # create: an overlay over this (a path on the host)
-    backing_format: str | None = None
     mode: str = "0644"
 
 
@@ -102,36 +101,13 @@ def place(
         backing = read_only(disk.backing, f"{where}.backing") if disk.backing else None
         if disk.readonly:
             target = read_only(disk.path, where)
-        elif disk is overlay:
-            target = IMAGES_DIR / disk.path.name
-            transfers.append(
-                Transfer(
-                    "create",
-                    target,
-                    where,
-                    capacity=disk.size,
-                    backing=backing,
-                    backing_format="qcow2",
-                    mode="0600",
-                )
+        else:  # the store's boot overlay stays in the store; other disks go to ozone's pool
+            target = (
+                IMAGES_DIR / disk.path.name
+                if disk is overlay
+                else VMS_DIR / f"{config.name}-{disk.path.name}"
             )
-        else:
-            target = VMS_DIR / f"{config.name}-{disk.path.name}"
-            if disk.size is None and disk.backing is None:
-                transfers.append(Transfer("upload", target, where, source=disk.path, mode="0600"))
-            else:
-                transfers.append(
-                    Transfer(
-                        "create",
-                        target,
-                        where,
-                        capacity=disk.size,
-                        format=disk.format,
-                        backing=backing,
-                        backing_format="qcow2" if backing else None,
-                        mode="0600",
-                    )
-                )
+            transfers.append(_writable(disk, target, where, backing, made=disk is overlay))
         paths[disk.path] = target
         disks.append(dataclasses.replace(disk, path=target, backing=backing))
     cdrom, kernel, initrd = (
@@ -150,6 +126,20 @@ def place(
         meta = resolved.ref.meta(store)
         transfers.append(Transfer("upload", IMAGES_DIR / meta.name, "image", source=meta))
     return Placement(config, tuple(transfers), paths)
+
+
+def _writable(
+    disk: Disk, target: Path, where: str, backing: Path | None, *, made: bool
+) -> Transfer:
+    """A writable disk there: an image the user prepared (no size, no backing image) is
+    copied once; any other is made there, empty or over its backing image (whose format
+    :func:`.hostfiles.make_disks` reads from the image)."""
+    if not made and disk.size is None and disk.backing is None:
+        return Transfer("upload", target, where, source=disk.path, mode="0600")
+    return Transfer(
+        "create", target, where, capacity=disk.size, format=disk.format, backing=backing,
+        mode="0600",
+    )  # fmt: skip
 
 
 def _store_of(resolved: Resolved | None) -> Path | None:
