@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import libvirt
 
     from .config import VMConfig
+    from .hosts import Inventory, Placement
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -42,6 +43,7 @@ app = typer.Typer(
 @dataclass
 class Globals:
     uri: str | None = None
+    host: str | None = None  # --host NAME: a host of the inventory (or auto)
     verbose: bool = False
 
 
@@ -80,6 +82,15 @@ def _globals(
             "--connect", "-c", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or libvirt's)."
         ),
     ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            help="A host of the inventory (~/.config/ozone/hosts.yaml or $OZONE_HOSTS); "
+            "`auto` places a VM from its config.",
+            autocompletion=completion.host_names,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show more detail.")] = False,
     version: Annotated[
         bool,
@@ -88,7 +99,12 @@ def _globals(
         ),
     ] = False,
 ) -> None:
+    if connect is not None and host is not None:
+        from typer._click import exceptions as click_errors
+
+        raise click_errors.UsageError("--connect and --host both name a host: give one")
     G.uri = connect
+    G.host = host
     G.verbose = verbose
 
 
@@ -123,12 +139,70 @@ def _seconds_or_zero(value: float) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class Target:
+    """The libvirt a command talks to: a URI (None: the default) and, when it came from the
+    inventory, the host's name there, and how ``auto`` chose it."""
+
+    uri: str | None = None
+    host: str | None = None
+    placement: Placement | None = None
+
+
+def _inventory(wanted: str) -> Inventory:
+    from .hosts import load_inventory
+
+    return load_inventory(wanted=wanted)
+
+
+def target(config: VMConfig | None = None, *, as_json: bool = False) -> Target:
+    """Where a command goes: ``-c URI``, else ``--host NAME``, else the config's ``host``,
+    else the default URI. ``auto`` (from ``--host`` or the config) places the config's VM,
+    and says where on stderr (not with ``--json``)."""
+    from .hosts import AUTO, wanted_host
+
+    config_host = config.host if config is not None else None
+    name = wanted_host(connect=G.uri, host=G.host, config_host=config_host)
+    if name is None:
+        return Target(G.uri)
+    from_config = G.host is None
+    file = str(config.source) if config is not None and config.source else None
+    inventory = _inventory(f"{file}: host {name}" if from_config else f"--host {name}")
+    placement = None
+    if name == AUTO:
+        if config is None:
+            raise UsageError(
+                "--host auto places a VM from its config: define, start CONFIG, apply and run "
+                "take it",
+                hint="name a host: --host NAME",
+            )
+        from .fleet import locate
+
+        placement = locate(inventory, config)
+        if not as_json:
+            output.info(placement.rule)
+            for note in placement.notes:
+                output.info(f"note: {note}")
+        name = placement.host
+    host = inventory.find(name)
+    if host is None:
+        from .errors import ConfigError
+
+        if not from_config:
+            inventory.get(name)  # raises the usage error
+        message, hint = inventory.unknown(name)
+        raise ConfigError(message, file=file, field="host", hint=hint)
+    return Target(host.uri, host.name, placement)
+
+
 @contextlib.contextmanager
-def connection() -> Iterator[libvirt.virConnect]:
+def connection(where: Target | None = None) -> Iterator[libvirt.virConnect]:
+    """A connection to ``where`` (default: the host the global options name)."""
     from .connection import connect, libvirt_errors
 
+    where = where or target()
     # a libvirt call the library left untranslated still ends as one line, not a traceback
-    with connect(G.uri) as conn, libvirt_errors(uri=G.uri):
+    with connect(where.uri, host=where.host) as conn, libvirt_errors(uri=where.uri):
         yield conn
 
 
@@ -153,8 +227,9 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
     from . import converge
 
     cfg = load(config)
+    where = target(cfg, as_json=as_json)
     with (
-        connection() as conn,
+        connection(where) as conn,
         output.activity(f"Defining {cfg.name}:", enabled=not as_json) as (
             report,
             advance,
@@ -162,7 +237,7 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
     ):
         result = converge.define(conn, cfg, report=report, progress=advance)
     if as_json:
-        output.emit_json(result)
+        output.emit_json(_with_host(result, where))
         return
     verb = "Defined" if result.created else "Updated" if result.changed else "Unchanged:"
     output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
@@ -178,6 +253,17 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
         output.info(f"note: {note}")
     if result.restart_needed:
         output.info(f"{result.name} is running: the changes apply at its next start")
+
+
+def _with_host(result: object, where: Target) -> object:
+    """A result's JSON with the host it is on (when the inventory named it) and how
+    ``auto`` chose it."""
+    if where.host is None:
+        return result
+    extra: dict[str, object] = {"host": where.host}
+    if where.placement is not None:
+        extra["placement"] = where.placement
+    return {**output.to_json(result), **extra}
 
 
 def _ask_for_name() -> str:
@@ -212,7 +298,8 @@ def start(
     from . import vm
 
     name = name or _ask_for_name()
-    with connection() as conn:
+    where = target(_config_with_host(name), as_json=as_json)
+    with connection(where) as conn:
         path = vm.config_to_define(conn, name)
         if path is not None:
             from .config import load_config
@@ -229,7 +316,7 @@ def start(
                 waited = _wait_or_show_console(conn, name, timeout, report=steps[0])
                 result = replace(result, ready_seconds=round(waited, 3))
     if as_json:
-        output.emit_json(result)
+        output.emit_json(_with_host(result, where))
         return
     action = {"booted": "Started", "restored": "Restored", "resumed": "Resumed"}
     text = f"{action.get(result.action, 'Already running:')} {name}"
@@ -240,6 +327,21 @@ def start(
         output.info(f"guest clock set from the host (it was {result.clock_offset_s:+.1f} s off)")
     elif result.clock is not None:
         output.info(f"guest clock {result.clock}")
+
+
+def _config_with_host(name: str) -> VMConfig | None:
+    """`ozone start NAME`: the config of that name, when it could say which host the VM is
+    on (no -c or --host given, and it names a ``host``). A config that does not load is
+    left to define, which reports it if it is needed."""
+    if G.uri is not None or G.host is not None:
+        return None
+    from .config import find_config, load_config
+
+    try:
+        cfg = load_config(find_config(name))
+    except OzoneError:
+        return None
+    return cfg if cfg.host is not None else None
 
 
 def _wait_or_show_console(
@@ -374,9 +476,19 @@ def list_(
     all_: Annotated[
         bool, typer.Option("--all", "-a", help="Every libvirt domain, not only ozone's.")
     ] = False,
+    all_hosts: Annotated[
+        bool,
+        typer.Option(
+            "--all-hosts",
+            help="Every host of the inventory, asked at once (exit 1 if one did not answer).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List ozone's VMs: name, state, vCPUs, memory, QMP endpoint."""
+    if all_hosts:
+        _list_all_hosts(all_, as_json)
+        return
     from . import inventory
 
     with connection() as conn:
@@ -386,6 +498,35 @@ def list_(
         return
     rows = [[v.name, v.state, v.vcpus, _memory(v.memory), v.qmp] for v in vms]
     output.emit(output.table(["NAME", "STATE", "VCPUS", "MEMORY", "QMP"], rows))
+
+
+def _list_all_hosts(all_: bool, as_json: bool) -> None:
+    """`ozone list --all-hosts`: one table with a HOST column; a host that did not answer
+    has a row saying why, and makes the exit status 1, after the others' VMs are shown."""
+    from .fleet import list_everywhere
+
+    if G.uri is not None or G.host is not None:
+        raise UsageError(
+            "--all-hosts asks every host of the inventory: no --connect or --host with it"
+        )
+    inventory = _inventory("--all-hosts")
+    found = list_everywhere(inventory, all_domains=all_)
+    if as_json:
+        output.emit_json(found)
+    else:
+        failed = {e.host: e for e in found.errors}
+        rows: list[list[object]] = []
+        for host in inventory.names:
+            if host in failed:
+                rows.append([host, "-", f"error: {failed[host].message}"])
+            rows += [
+                [v.host, v.name, v.state, v.vcpus, _memory(v.memory), v.qmp]
+                for v in found.vms
+                if v.host == host
+            ]
+        output.emit(output.table(["HOST", "NAME", "STATE", "VCPUS", "MEMORY", "QMP"], rows))
+    if found.errors:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -970,14 +1111,17 @@ def run_(
     from . import run as runner
 
     exec_options = _exec_options(env, cwd, user, timeout, interactive, stage_dir)
-    cfg = runner.config_of(config, uri=G.uri)
+    from .hosts import AUTO
+
+    named = target() if G.host != AUTO else Target()  # where a VM NAME is looked up
+    cfg = runner.config_of(config, uri=named.uri, host=named.host)
     options = runner.RunOptions(
         keep=keep,
         use_cache=not no_cache,
         boot_timeout=boot_timeout,
         report=output.info if G.verbose else (lambda _text: None),
     )
-    with connection() as conn:
+    with connection(target(cfg)) as conn:
         code = runner.run(conn, cfg, command or [], options, **exec_options)
     raise typer.Exit(code)
 
