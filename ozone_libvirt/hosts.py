@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import schema
 from .errors import ConfigError, OzoneError, UsageError
+from .units import format_size
 
 HOSTS_ENV = "OZONE_HOSTS"
 DEFAULT_HOSTS_FILE = "~/.config/ozone/hosts.yaml"
@@ -204,7 +205,7 @@ def place(
     notes = tuple(f"{host} left out: {why}" for host, why in (unreachable or {}).items())
     fits = [c for c in capacities if c.free_memory >= memory and c.cpus >= vcpus]
     if not fits:
-        want = f"{name} ({gib(memory)}, {vcpus} vCPU{'s' if vcpus != 1 else ''})"
+        want = f"{name} ({format_size(memory)}, {vcpus} vCPU{'s' if vcpus != 1 else ''})"
         seen = [f"{c.host} {gib(c.free_memory)} free, {c.cpus} CPUs" for c in capacities]
         seen += [f"{host} did not answer" for host in unreachable or {}]
         raise NoRoom(
