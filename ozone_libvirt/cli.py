@@ -1335,7 +1335,7 @@ def apply(
     from .plan import describe
 
     configs = converge.load(targets)
-    with connection() as conn:
+    with connection(_apply_target(configs.configs, as_json)) as conn:
         the_plan = converge.make_plan(conn, configs, prune=prune)
         width = max((len(s.name) for s in the_plan.steps), default=0)
         if not as_json:
@@ -1372,6 +1372,24 @@ def apply(
             output.info(f"applied: {changed} changed, {len(failed)} failed")
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _apply_target(configs: tuple[VMConfig, ...], as_json: bool) -> Target:
+    """The one host `apply` works on: -c or --host NAME, else the one the configs' ``host``
+    names (or ``auto`` picks for each); configs that live on different hosts are applied
+    one host at a time."""
+    from .hosts import AUTO
+
+    if G.uri is not None or G.host not in (None, AUTO) or not any(c.host for c in configs):
+        return target()
+    where = {c.name: target(c, as_json=as_json) for c in configs}
+    if len({t.host for t in where.values()}) > 1:
+        found = ", ".join(f"{name} on {t.host or 'the default URI'}" for name, t in where.items())
+        raise UsageError(
+            f"these configs live on more than one host ({found}): apply takes one host at a time",
+            hint="apply each host's configs on their own, or pick one with --host NAME",
+        )
+    return next(iter(where.values()))
 
 
 def _confirmed(question: str, as_json: bool) -> bool:

@@ -339,6 +339,19 @@ def test_a_config_naming_a_host_the_inventory_lacks_names_the_file_and_field(tmp
     assert proc.returncode == 2 and f"{config}: host rakc2 needs the host inventory" in proc.stderr
 
 
+def test_apply_of_configs_on_two_hosts_is_a_usage_error_naming_them(tmp_path):
+    folder = tmp_path / "vms"
+    folder.mkdir()
+    for name, host in (("web", "rack1"), ("db", "rack2")):
+        (folder / f"{name}.json").write_text(
+            json.dumps({"name": name, "cdrom": "/dev/null", "host": host})
+        )
+    path = write_hosts(tmp_path, {"rack1": REFUSED, "rack2": REFUSED})
+    proc = run_ozone("apply", str(folder), env=hosts_env(path))
+    assert proc.returncode == 2
+    assert "more than one host (db on rack2, web on rack1)" in proc.stderr, proc.stderr
+
+
 # --- real hosts ---------------------------------------------------------------------------------
 
 
