@@ -66,6 +66,26 @@ ConfigArg = Annotated[
 ]
 
 
+HostOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        help="A host of the inventory, or auto: place the VM (as the global --host).",
+        autocompletion=completion.host_names,
+        show_default=False,
+    ),
+]
+
+
+def _command_host(host: str | None) -> None:
+    """`ozone define CONFIG --host NAME`: the command's --host is the global one."""
+    if host is None:
+        return
+    if G.uri is not None or (G.host is not None and G.host != host):
+        raise UsageError("--connect and --host both name a host: give one")
+    G.host = host
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -221,11 +241,12 @@ def progress(text: str, as_json: bool) -> contextlib.AbstractContextManager[None
 
 @app.command()
 @handles_errors
-def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
+def define(config: ConfigArg, host: HostOpt = None, as_json: JsonOpt = False) -> None:
     """Create a VM from its config, or update it in place (keeping its UUID): `ozone apply`
     of one file."""
     from . import converge
 
+    _command_host(host)
     cfg = load(config)
     where = target(cfg, as_json=as_json)
     with (
@@ -289,6 +310,7 @@ def start(
         bool, typer.Option("--wait", help="Return when the guest agent answers.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.", callback=_seconds)] = 120,
+    host: HostOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a VM (resuming saved state if there is some). Defines it first if a config of
@@ -297,6 +319,7 @@ def start(
 
     from . import vm
 
+    _command_host(host)
     name = name or _ask_for_name()
     where = target(_config_with_host(name), as_json=as_json)
     with connection(where) as conn:
@@ -1099,6 +1122,7 @@ def run_(
         float,
         typer.Option(help="Seconds to wait for the guest agent when booting.", callback=_seconds),
     ] = 120,
+    host: HostOpt = None,
 ) -> None:
     """Run one command in a throwaway VM made from a config, then remove the VM.
 
@@ -1110,6 +1134,7 @@ def run_(
     """
     from . import run as runner
 
+    _command_host(host)
     exec_options = _exec_options(env, cwd, user, timeout, interactive, stage_dir)
     from .hosts import AUTO
 
@@ -1327,6 +1352,7 @@ def apply(
         ),
     ] = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=32, help="Steps at once.")] = 4,
+    host: HostOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make libvirt's VMs match their configs: show the plan, then (after asking, or with
@@ -1334,6 +1360,7 @@ def apply(
     from . import converge
     from .plan import describe
 
+    _command_host(host)
     configs = converge.load(targets)
     with connection(_apply_target(configs.configs, as_json)) as conn:
         the_plan = converge.make_plan(conn, configs, prune=prune)

@@ -466,8 +466,8 @@ def test_host_auto_places_a_vm_says_where_and_a_second_define_finds_it_there(
     assert result["placement"]["rule"] == f"{name} is on {host} already: not placed again"
     assert not defined_on(hosts[other], name)  # no second copy
 
-    proc = run_ozone("--host", "auto", "define", str(tiny_config(tmp_path, guest_image, name)),
-                     env=hosts_env(path))  # fmt: skip
+    plain = tiny_config(tmp_path, guest_image, name)  # no host: --host after the command
+    proc = run_ozone("define", str(plain), "--host", "auto", env=hosts_env(path))
     assert proc.returncode == 0 and f"{name} is on {host} already" in proc.stderr, proc.stderr
 
 
