@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import libvirt
 
     from .config import VMConfig
+    from .hosts import Inventory, Placement
     from .vm import SerialLog
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,6 +44,7 @@ app = typer.Typer(
 @dataclass
 class Globals:
     uri: str | None = None
+    host: str | None = None  # --host NAME: a host of the inventory (or auto)
     verbose: bool = False
 
 
@@ -65,6 +67,26 @@ ConfigArg = Annotated[
 ]
 
 
+HostOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--host",
+        help="A host of the inventory, or auto: place the VM (as the global --host).",
+        autocompletion=completion.host_names,
+        show_default=False,
+    ),
+]
+
+
+def _command_host(host: str | None) -> None:
+    """`ozone define CONFIG --host NAME`: the command's --host is the global one."""
+    if host is None:
+        return
+    if G.uri is not None or (G.host is not None and G.host != host):
+        raise UsageError("--connect and --host both name a host: give one")
+    G.host = host
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -81,6 +103,15 @@ def _globals(
             "--connect", "-c", help="libvirt URI (default: $LIBVIRT_DEFAULT_URI or libvirt's)."
         ),
     ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host",
+            help="A host of the inventory (~/.config/ozone/hosts.yaml or $OZONE_HOSTS); "
+            "`auto` places a VM from its config.",
+            autocompletion=completion.host_names,
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show more detail.")] = False,
     version: Annotated[
         bool,
@@ -89,7 +120,12 @@ def _globals(
         ),
     ] = False,
 ) -> None:
+    if connect is not None and host is not None:
+        from typer._click import exceptions as click_errors
+
+        raise click_errors.UsageError("--connect and --host both name a host: give one")
     G.uri = connect
+    G.host = host
     G.verbose = verbose
 
 
@@ -124,12 +160,70 @@ def _seconds_or_zero(value: float) -> float:
     return value
 
 
+@dataclass(frozen=True)
+class Target:
+    """The libvirt a command talks to: a URI (None: the default) and, when it came from the
+    inventory, the host's name there, and how ``auto`` chose it."""
+
+    uri: str | None = None
+    host: str | None = None
+    placement: Placement | None = None
+
+
+def _inventory(wanted: str) -> Inventory:
+    from .hosts import load_inventory
+
+    return load_inventory(wanted=wanted)
+
+
+def target(config: VMConfig | None = None, *, as_json: bool = False) -> Target:
+    """Where a command goes: ``-c URI``, else ``--host NAME``, else the config's ``host``,
+    else the default URI. ``auto`` (from ``--host`` or the config) places the config's VM,
+    and says where on stderr (not with ``--json``)."""
+    from .hosts import AUTO, wanted_host
+
+    config_host = config.host if config is not None else None
+    name = wanted_host(connect=G.uri, host=G.host, config_host=config_host)
+    if name is None:
+        return Target(G.uri)
+    from_config = G.host is None
+    file = str(config.source) if config is not None and config.source else None
+    inventory = _inventory(f"{file}: host {name}" if from_config else f"--host {name}")
+    placement = None
+    if name == AUTO:
+        if config is None:
+            raise UsageError(
+                "--host auto places a VM from its config: define, start CONFIG, apply and run "
+                "take it",
+                hint="name a host: --host NAME",
+            )
+        from .fleet import locate
+
+        placement = locate(inventory, config)
+        if not as_json:
+            output.info(placement.rule)
+            for note in placement.notes:
+                output.info(f"note: {note}")
+        name = placement.host
+    host = inventory.find(name)
+    if host is None:
+        from .errors import ConfigError
+
+        if not from_config:
+            inventory.get(name)  # raises the usage error
+        message, hint = inventory.unknown(name)
+        raise ConfigError(message, file=file, field="host", hint=hint)
+    return Target(host.uri, host.name, placement)
+
+
 @contextlib.contextmanager
-def connection() -> Iterator[libvirt.virConnect]:
+def connection(where: Target | None = None) -> Iterator[libvirt.virConnect]:
+    """A connection to ``where`` (default: the host the global options name)."""
     from .connection import connect, libvirt_errors
 
+    where = where or target()
     # a libvirt call the library left untranslated still ends as one line, not a traceback
-    with connect(G.uri) as conn, libvirt_errors(uri=G.uri):
+    with connect(where.uri, host=where.host) as conn, libvirt_errors(uri=where.uri):
         yield conn
 
 
@@ -148,14 +242,16 @@ def progress(text: str, as_json: bool) -> contextlib.AbstractContextManager[None
 
 @app.command()
 @handles_errors
-def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
+def define(config: ConfigArg, host: HostOpt = None, as_json: JsonOpt = False) -> None:
     """Create a VM from its config, or update it in place (keeping its UUID): `ozone apply`
     of one file."""
     from . import converge
 
+    _command_host(host)
     cfg = load(config)
+    where = target(cfg, as_json=as_json)
     with (
-        connection() as conn,
+        connection(where) as conn,
         output.activity(f"Defining {cfg.name}:", enabled=not as_json) as (
             report,
             advance,
@@ -163,7 +259,7 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
     ):
         result = converge.define(conn, cfg, report=report, progress=advance)
     if as_json:
-        output.emit_json(result)
+        output.emit_json(_with_host(result, where))
         return
     verb = "Defined" if result.created else "Updated" if result.changed else "Unchanged:"
     output.emit(f"{verb} {result.name} ({result.uuid}); QMP {result.qmp or 'off'}")
@@ -179,6 +275,17 @@ def define(config: ConfigArg, as_json: JsonOpt = False) -> None:
         output.info(f"note: {note}")
     if result.restart_needed:
         output.info(f"{result.name} is running: the changes apply at its next start")
+
+
+def _with_host(result: object, where: Target) -> object:
+    """A result's JSON with the host it is on (when the inventory named it) and how
+    ``auto`` chose it."""
+    if where.host is None:
+        return result
+    extra: dict[str, object] = {"host": where.host}
+    if where.placement is not None:
+        extra["placement"] = where.placement
+    return {**output.to_json(result), **extra}
 
 
 def _ask_for_name() -> str:
@@ -204,6 +311,7 @@ def start(
         bool, typer.Option("--wait", help="Return when the guest agent answers.")
     ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds --wait waits.", callback=_seconds)] = 120,
+    host: HostOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Start a VM (resuming saved state if there is some). Defines it first if a config of
@@ -212,8 +320,10 @@ def start(
 
     from . import vm
 
+    _command_host(host)
     name = name or _ask_for_name()
-    with connection() as conn:
+    where = target(_config_with_host(name), as_json=as_json)
+    with connection(where) as conn:
         path = vm.config_to_define(conn, name)
         if path is not None:
             from .config import load_config
@@ -230,7 +340,7 @@ def start(
                 waited = _wait_or_show_console(conn, name, timeout, report=steps[0])
                 result = replace(result, ready_seconds=round(waited, 3))
     if as_json:
-        output.emit_json(result)
+        output.emit_json(_with_host(result, where))
         return
     action = {"booted": "Started", "restored": "Restored", "resumed": "Resumed"}
     text = f"{action.get(result.action, 'Already running:')} {name}"
@@ -241,6 +351,21 @@ def start(
         output.info(f"guest clock set from the host (it was {result.clock_offset_s:+.1f} s off)")
     elif result.clock is not None:
         output.info(f"guest clock {result.clock}")
+
+
+def _config_with_host(name: str) -> VMConfig | None:
+    """`ozone start NAME`: the config of that name, when it could say which host the VM is
+    on (no -c or --host given, and it names a ``host``). A config that does not load is
+    left to define, which reports it if it is needed."""
+    if G.uri is not None or G.host is not None:
+        return None
+    from .config import find_config, load_config
+
+    try:
+        cfg = load_config(find_config(name))
+    except OzoneError:
+        return None
+    return cfg if cfg.host is not None else None
 
 
 def _wait_or_show_console(
@@ -376,9 +501,19 @@ def list_(
     all_: Annotated[
         bool, typer.Option("--all", "-a", help="Every libvirt domain, not only ozone's.")
     ] = False,
+    all_hosts: Annotated[
+        bool,
+        typer.Option(
+            "--all-hosts",
+            help="Every host of the inventory, asked at once (exit 1 if one did not answer).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """List ozone's VMs: name, state, vCPUs, memory, QMP endpoint."""
+    if all_hosts:
+        _list_all_hosts(all_, as_json)
+        return
     from . import inventory
 
     with connection() as conn:
@@ -388,6 +523,35 @@ def list_(
         return
     rows = [[v.name, v.state, v.vcpus, _memory(v.memory), v.qmp] for v in vms]
     output.emit(output.table(["NAME", "STATE", "VCPUS", "MEMORY", "QMP"], rows))
+
+
+def _list_all_hosts(all_: bool, as_json: bool) -> None:
+    """`ozone list --all-hosts`: one table with a HOST column; a host that did not answer
+    has a row saying why, and makes the exit status 1, after the others' VMs are shown."""
+    from .fleet import list_everywhere
+
+    if G.uri is not None or G.host is not None:
+        raise UsageError(
+            "--all-hosts asks every host of the inventory: no --connect or --host with it"
+        )
+    inventory = _inventory("--all-hosts")
+    found = list_everywhere(inventory, all_domains=all_)
+    if as_json:
+        output.emit_json(found)
+    else:
+        failed = {e.host: e for e in found.errors}
+        rows: list[list[object]] = []
+        for host in inventory.names:
+            if host in failed:
+                rows.append([host, "-", f"error: {failed[host].message}"])
+            rows += [
+                [v.host, v.name, v.state, v.vcpus, _memory(v.memory), v.qmp]
+                for v in found.vms
+                if v.host == host
+            ]
+        output.emit(output.table(["HOST", "NAME", "STATE", "VCPUS", "MEMORY", "QMP"], rows))
+    if found.errors:
+        raise typer.Exit(EXIT_FAILED)
 
 
 @app.command()
@@ -951,6 +1115,7 @@ def run_(
         float,
         typer.Option(help="Seconds to wait for the guest agent when booting.", callback=_seconds),
     ] = 120,
+    host: HostOpt = None,
 ) -> None:
     """Run one command in a throwaway VM made from a config, then remove the VM.
 
@@ -962,15 +1127,19 @@ def run_(
     """
     from . import run as runner
 
+    _command_host(host)
     exec_options = _exec_options(env, cwd, user, timeout, interactive, stage_dir)
-    cfg = runner.config_of(config, uri=G.uri)
+    from .hosts import AUTO
+
+    named = target() if G.host != AUTO else Target()  # where a VM NAME is looked up
+    cfg = runner.config_of(config, uri=named.uri, host=named.host)
     options = runner.RunOptions(
         keep=keep,
         use_cache=not no_cache,
         boot_timeout=boot_timeout,
         report=output.info if G.verbose else (lambda _text: None),
     )
-    with connection() as conn:
+    with connection(target(cfg)) as conn:
         code = runner.run(conn, cfg, command or [], options, **exec_options)
     raise typer.Exit(code)
 
@@ -1176,6 +1345,7 @@ def apply(
         ),
     ] = False,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, max=32, help="Steps at once.")] = 4,
+    host: HostOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Make libvirt's VMs match their configs: show the plan, then (after asking, or with
@@ -1183,8 +1353,9 @@ def apply(
     from . import converge
     from .plan import describe
 
+    _command_host(host)
     configs = converge.load(targets)
-    with connection() as conn:
+    with connection(_apply_target(configs.configs, as_json)) as conn:
         the_plan = converge.make_plan(conn, configs, prune=prune)
         width = max((len(s.name) for s in the_plan.steps), default=0)
         if not as_json:
@@ -1221,6 +1392,24 @@ def apply(
             output.info(f"applied: {changed} changed, {len(failed)} failed")
     if failed:
         raise typer.Exit(EXIT_FAILED)
+
+
+def _apply_target(configs: tuple[VMConfig, ...], as_json: bool) -> Target:
+    """The one host `apply` works on: -c or --host NAME, else the one the configs' ``host``
+    names (or ``auto`` picks for each); configs that live on different hosts are applied
+    one host at a time."""
+    from .hosts import AUTO
+
+    if G.uri is not None or G.host not in (None, AUTO) or not any(c.host for c in configs):
+        return target()
+    where = {c.name: target(c, as_json=as_json) for c in configs}
+    if len({t.host for t in where.values()}) > 1:
+        found = ", ".join(f"{name} on {t.host or 'the default URI'}" for name, t in where.items())
+        raise UsageError(
+            f"these configs live on more than one host ({found}): apply takes one host at a time",
+            hint="apply each host's configs on their own, or pick one with --host NAME",
+        )
+    return next(iter(where.values()))
 
 
 def _confirmed(question: str, as_json: bool) -> bool:

@@ -79,3 +79,13 @@ def snapshot_names(ctx: Any, incomplete: str) -> list[str]:
 def vm_or_config_names(ctx: Any, incomplete: str) -> list[str]:
     """`ozone start` takes either (it defines a VM from its config first)."""
     return sorted(set(vm_names(ctx, incomplete)) | set(config_names(incomplete)))
+
+
+def host_names(incomplete: str) -> list[str]:
+    """The hosts file's host names (and ``auto``), for ``--host``."""
+    with contextlib.suppress(Exception):
+        from .hosts import AUTO, load_inventory
+
+        names = [*load_inventory(wanted="--host").names, AUTO]
+        return [n for n in names if n.startswith(incomplete)]
+    return []

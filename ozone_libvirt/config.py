@@ -236,6 +236,9 @@ class VMConfig:
     ports: tuple[PortForward, ...] = ()
     shares: tuple[Share, ...] = ()
     source: Path | None = None  # the file this config came from
+    # the inventory host it lives on, or "auto": where the VM is, not what it is, so left
+    # out of the normalised config (its digest and record): changing it moves nothing
+    host: str | None = None
 
     @property
     def uses_cloud_init(self) -> bool:
@@ -244,7 +247,8 @@ class VMConfig:
         return self.cloud_init is not None or (self.image is not None and not self.image.debian)
 
     def to_dict(self) -> dict[str, Any]:
-        """The normalised config as plain JSON data (absolute paths, sizes in bytes)."""
+        """The normalised config as plain JSON data (absolute paths, sizes in bytes), without
+        where it came from and where it lives (``source``, ``host``)."""
 
         def conv(value: Any) -> Any:
             if isinstance(value, Path):
@@ -256,7 +260,7 @@ class VMConfig:
             return value
 
         data: dict[str, Any] = conv(self)
-        del data["source"]
+        del data["source"], data["host"]
         return data
 
     @property

@@ -245,18 +245,91 @@ def default_uri(uri: str | None = None) -> str | None:
     return uri or os.environ.get("LIBVIRT_DEFAULT_URI") or None
 
 
-def open_connection(uri: str | None = None) -> libvirt.virConnect:
-    uri = default_uri(uri)
+CONNECT_TIMEOUT_ENV = "OZONE_CONNECT_TIMEOUT"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+
+
+def connect_timeout() -> float:
+    """How long opening a connection may take: ``$OZONE_CONNECT_TIMEOUT`` seconds, else 10."""
+    from .errors import UsageError
+
+    raw = os.environ.get(CONNECT_TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_CONNECT_TIMEOUT
     try:
-        conn = libvirt.open(uri)
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise UsageError(
+            f"{CONNECT_TIMEOUT_ENV}={raw[:40]!r} is not valid", hint="a number of seconds above 0"
+        )
+    return value
+
+
+def _open_within(uri: str | None, timeout: float) -> libvirt.virConnect | None:
+    """``libvirt.open(uri)`` that gives up after ``timeout`` seconds (None): a host that
+    takes the TCP connection but never answers (a silent listener, a stuck daemon, a
+    firewall that drops packets) would hold libvirt's open for minutes, or for ever. The
+    open goes on in a daemon thread, which closes what it gets if nobody waits any more."""
+    import threading
+
+    got: list[libvirt.virConnect] = []
+    failed: list[libvirt.libvirtError] = []
+    lock = threading.Lock()
+    gave_up = threading.Event()
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            conn = libvirt.open(uri)
+        except libvirt.libvirtError as err:
+            failed.append(err)
+        else:
+            with lock:
+                if gave_up.is_set():
+                    close_quietly(conn)
+                else:
+                    got.append(conn)
+        finally:
+            done.set()
+
+    threading.Thread(target=work, name=f"open {uri}", daemon=True).start()
+    done.wait(timeout)
+    with lock:
+        if got:
+            return got[0]
+        if failed:
+            raise failed[0]
+        gave_up.set()
+    return None
+
+
+def open_connection(
+    uri: str | None = None, *, host: str | None = None, timeout: float | None = None
+) -> libvirt.virConnect:
+    """A connection to ``uri`` (None: ``$LIBVIRT_DEFAULT_URI``, else libvirt's default);
+    ``host``: the inventory's name for it, which errors then name. Gives up after
+    ``timeout`` seconds (default: :func:`connect_timeout`)."""
+    uri = default_uri(uri)
+    where = f"host {host} ({uri})" if host else f"libvirt at {uri or 'the default URI'}"
+    hint = (
+        f"is {host} up, and its libvirtd listening? (`ozone list --all-hosts` shows which "
+        "hosts answer)"
+        if host
+        else "is libvirtd running? scripts/setup-host starts it; -c URI picks another host"
+    )
+    seconds = connect_timeout() if timeout is None else timeout
+    try:
+        conn = _open_within(uri, seconds)
     except libvirt.libvirtError as err:
         message = (err.get_error_message() or str(err)).strip()
+        raise ConnectionFailed(f"cannot connect to {where}: {message}", hint=hint) from None
+    if conn is None:
         raise ConnectionFailed(
-            f"cannot connect to libvirt at {uri or 'the default URI'}: {message}",
-            hint="is libvirtd running? scripts/setup-host starts it; -c URI picks another host",
-        ) from None
-    if conn is None:  # pragma: no cover - older bindings
-        raise ConnectionFailed(f"cannot connect to libvirt at {uri or 'the default URI'}")
+            f"cannot connect to {where}: no answer within {seconds:g} s",
+            hint=f"{hint}; ${CONNECT_TIMEOUT_ENV} sets the wait",
+        )
     return conn
 
 
@@ -284,8 +357,8 @@ def domain_metadata(dom: libvirt.virDomain, *, defined: bool = False) -> OzoneMe
 
 
 @contextlib.contextmanager
-def connect(uri: str | None = None) -> Iterator[libvirt.virConnect]:
-    conn = open_connection(uri)
+def connect(uri: str | None = None, *, host: str | None = None) -> Iterator[libvirt.virConnect]:
+    conn = open_connection(uri, host=host)
     try:
         yield conn
     finally:

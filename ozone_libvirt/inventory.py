@@ -14,6 +14,7 @@ import libvirt
 from .connection import call, domain_metadata, if_exists
 from .errors import NotFoundError
 from .metadata import OzoneMetadata
+from .results import optional
 
 STATE_NAMES = {
     libvirt.VIR_DOMAIN_NOSTATE: "no state",
@@ -39,6 +40,7 @@ class VMInfo:
     persistent: bool = True
     source: str | None = None
     config_hash: str | None = None
+    host: str | None = optional()  # the inventory's name for its host (`list --all-hosts`)
 
 
 def state_name(dom: libvirt.virDomain, state: int | None = None) -> str:

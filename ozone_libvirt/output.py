@@ -57,10 +57,15 @@ def info(text: str) -> None:
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Columns two spaces apart. A row shorter than the headers ends in a note that runs on
+    across the columns it lacks, without widening them."""
     cells = [[str(c) for c in headers]] + [["-" if c is None else str(c) for c in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [
+        max(len(row[i]) for row in cells if i < len(row) - (len(row) < len(headers)))
+        for i in range(len(headers))
+    ]
     lines = [
-        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)).rstrip() for row in cells
     ]
     return "\n".join(lines)
 

@@ -64,15 +64,15 @@ from .vm import is_active, wait_for_guest
 Report = Callable[[str], None]
 
 
-def config_of(config_or_name: str, *, uri: str | None = None) -> VMConfig:
+def config_of(config_or_name: str, *, uri: str | None = None, host: str | None = None) -> VMConfig:
     """What `ozone run` runs: a config file by path or name, or else the config an ozone VM
-    of that name (on ``uri``) was defined from."""
+    of that name (on ``uri``, the inventory's ``host``) was defined from."""
     from .config import find_config, load_config
 
     try:
         return load_config(find_config(config_or_name))
     except OzoneError as not_a_config:
-        with connect(uri) as conn:
+        with connect(uri, host=host) as conn:
             dom = find_domain(conn, config_or_name)
             meta = domain_metadata(dom) if dom is not None else None
         if meta is None or not meta.source:

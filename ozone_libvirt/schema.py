@@ -84,6 +84,9 @@ def item_fields(section: Field) -> tuple[Field, ...]:
 # trailing newline); character classes spelled out in ASCII (\d matches other scripts' digits)
 
 NAME = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
+HOST_NAME = NAME  # a host's name in the hosts file (see hosts.py)
+HOST_NAME_DOC = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit"
+AUTO_HOST = "auto"
 MACHINE = r"\A[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z"
 MAC = r"\A(?:[0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}\Z"
 IFNAME = r"\A[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}\Z"
@@ -420,6 +423,13 @@ TOP = (
           expected="1-64 letters, digits, '.', '_' or '-', starting with a letter or digit",
           doc="1-64 letters, digits, `.`, `_`, `-`"),
     Field("description", "text", "free text, shown by virt-manager"),
+    Field("host", "string", "the libvirt host the VM lives on", pattern=HOST_NAME,
+          expected=f"a host name from the hosts file, or {AUTO_HOST!r}",
+          default_doc="`-c`/`--host`, else `$LIBVIRT_DEFAULT_URI`",
+          doc="a name from the hosts file (`~/.config/ozone/hosts.yaml`), or `auto`: the host "
+          "with the most free memory that fits the VM, or the one it is defined on already "
+          "(see \"Many hosts\"); `-c` and `--host` override it. Not part of the VM's "
+          "definition: changing it moves nothing"),
     MEMORY,
     Field("vcpus", "integer", "virtual CPUs", default=1, low=1, high=MAX_VCPUS),
     Field("machine", "string", "the QEMU machine type", default="q35", pattern=MACHINE,

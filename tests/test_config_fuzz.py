@@ -121,6 +121,7 @@ endpoints = st.sampled_from(
 VALID: dict[str, st.SearchStrategy[Any]] = {
     "name": st.sampled_from(["web", "w", "a.b_c-d", "x" * 64]),
     "description": st.sampled_from(["a test VM", "tab\tand\nnewline", "\u00e9t\u00e9 \U0001f600"]),
+    "host": st.sampled_from(["rack2", "auto", "a.b_c-d"]),
     "memory": sizes,
     "vcpus": st.integers(min_value=1, max_value=8),
     "machine": st.sampled_from(["q35", "pc", "pc-q35-8.2"]),
