@@ -338,7 +338,9 @@ def migrate(
                 dom, dconn, flags, name=name, label=label, timeout=timeout, progress=progress
             )
         except BaseException:
-            _undo(dconn, made)
+            with contextlib.suppress(OzoneError):  # (the move's own error says more)
+                _undo(dconn, made)
+                _wait_gone(dconn, uuid)
             raise
         finally:
             for pool in made.pools:
@@ -472,6 +474,14 @@ def _undo(dconn: libvirt.virConnect, made: _Made) -> None:
     # (ozone's QMP folder made there stays, as every define on a host keeps it)
 
 
+def _wait_gone(dconn: libvirt.virConnect, uuid: str, *, timeout: float = 30) -> None:
+    """After a failed move the destination drops the VM's incoming QEMU a moment later:
+    return once it has (or ``timeout`` passed), so that nothing of the VM is left there."""
+    deadline = time.monotonic() + timeout
+    while find_domain_by_uuid(dconn, uuid) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _run_job(
     dom: libvirt.virDomain,
     dconn: libvirt.virConnect,
@@ -506,9 +516,9 @@ def _run_job(
                 stats = if_exists(dom.jobStats, 0, name=name) or {}
                 if stats.get("data_total"):
                     progress(int(stats.get("data_processed", 0)), int(stats["data_total"]))
-            if not timed_out and time.monotonic() > deadline:
+            if time.monotonic() > deadline:
                 timed_out = True
-                _abort(dom)
+                _abort(dom)  # again each time: the job may not have begun at the first
     except KeyboardInterrupt:
         _abort(dom)
         worker.join()
@@ -541,7 +551,9 @@ def _explain(name: str, label: str) -> Callable[[libvirt.libvirtError], OzoneErr
                 f"the move of {name} to {label} was aborted: {name} runs on where it was"
             )
         hint = f"{name} runs on where it was; `ozone -c {label} list --all` shows that host's VMs"
-        if "host forwarding rule" in message or "Address already in use" in message:
+        if err.get_error_code() == libvirt.VIR_ERR_MIGRATE_UNSAFE:
+            hint = f"a disk of {name} is not on storage both hosts share: --copy-storage copies it"
+        elif "host forwarding rule" in message or "Address already in use" in message:
             hint = (
                 f"a port {name} listens on is taken on {label}: stop what holds it there; "
                 f"{name} runs on where it was"
