@@ -167,6 +167,7 @@ def test_a_vm_of_that_name_on_the_destination_is_refused_before_anything_moves(
         "<os><type arch='x86_64'>hvm</type></os></domain>"
     )
     virsh_on(second_host, "define", str(xml))
+    theirs = virsh_on(second_host, "domuuid", name)
     try:
         proc = run_ozone("migrate", name, second_host, "--live")
         assert proc.returncode == 1
@@ -174,7 +175,8 @@ def test_a_vm_of_that_name_on_the_destination_is_refused_before_anything_moves(
             f"error: {second_host} has a VM named {name!r} already: nothing was moved\n"
         )
         assert virsh("domstate", name).strip() == "running"
-        assert "64" in virsh_on(second_host, "dominfo", name)  # theirs, untouched
+        assert virsh_on(second_host, "domuuid", name) == theirs  # untouched
+        assert virsh_on(second_host, "domstate", name).strip() == "shut off"
     finally:
         remove_on(second_host, name)
 
