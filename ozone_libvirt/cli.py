@@ -1093,6 +1093,62 @@ def save(name: NameArg, as_json: JsonOpt = False) -> None:
         output.emit(f"Saved {name} in {result.seconds:.1f} s (`ozone start {name}` resumes it)")
 
 
+@app.command()
+@handles_errors
+def migrate(
+    name: NameArg,
+    host: Annotated[
+        str, typer.Argument(help="Destination: a libvirt URI (qemu+ssh://host/system).")
+    ],
+    live: Annotated[
+        bool, typer.Option("--live", help="Keep the VM running while its memory moves.")
+    ] = False,
+    copy_storage: Annotated[
+        bool,
+        typer.Option(
+            "--copy-storage", help="Copy its disks too (for disks not on shared storage)."
+        ),
+    ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            "--timeout", help="Abort the move after S seconds (the VM stays).", callback=_seconds
+        ),
+    ] = 600,
+    as_json: JsonOpt = False,
+) -> None:
+    """Move a VM to another libvirt host: same UUID, metadata and QMP endpoint; a failed
+    move leaves it running where it was. A stopped VM moves its definition."""
+    from . import migrate as mig
+
+    label, uri = mig.resolve_host(host)
+    with (
+        connection() as conn,
+        output.activity(f"Moving {name}:", enabled=not as_json) as (report, advance),
+    ):
+        result = mig.migrate(
+            conn,
+            name,
+            uri,
+            live=live,
+            copy_storage=copy_storage,
+            host=label,
+            timeout=timeout,
+            report=report,
+            progress=advance,
+        )
+    if as_json:
+        output.emit_json(result)
+        return
+    where = label if label == uri else f"{label} ({uri})"
+    copied = f", {result.bytes_copied / 2**20:.0f} MiB copied" if result.bytes_copied else ""
+    output.emit(f"Migrated {name} to {where} in {result.seconds:.1f} s ({result.mode}{copied})")
+    for folder in result.made_on_destination:
+        output.info(f"made {folder} there")
+    for disk in result.left_on_source:
+        output.info(f"the source host keeps {disk} (copied; remove it there when done)")
+
+
 # --- ozone run, boot cache -----------------------------------------------------------------
 
 
