@@ -1098,7 +1098,11 @@ def save(name: NameArg, as_json: JsonOpt = False) -> None:
 def migrate(
     name: NameArg,
     host: Annotated[
-        str, typer.Argument(help="Destination: a libvirt URI (qemu+ssh://host/system).")
+        str,
+        typer.Argument(
+            help="Destination: a host of the inventory, or a libvirt URI (qemu+ssh://host/system).",
+            autocompletion=completion.host_names,
+        ),
     ],
     live: Annotated[
         bool, typer.Option("--live", help="Keep the VM running while its memory moves.")

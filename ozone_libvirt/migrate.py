@@ -91,11 +91,14 @@ def resolve_host(text: str) -> tuple[str, str]:
     ``://``) is its own name; anything else names a host of the host inventory."""
     if "://" in text:
         return text, text
-    raise UsageError(
-        f"{text!r} is not a libvirt URI, and there is no host inventory yet",
-        hint="give the destination's URI, e.g. qemu+ssh://rack2/system or "
-        "qemu+tcp://10.0.0.2/system",
-    )
+    from .hosts import load_inventory
+
+    inventory = load_inventory(wanted=f"migrate to {text[:64]!r}")
+    found = inventory.find(text)
+    if found is None:
+        message, hint = inventory.unknown(text)
+        raise UsageError(message, hint=f"{hint}; or give the destination's libvirt URI")
+    return found.name, found.uri
 
 
 # --- pure decisions -----------------------------------------------------------------------

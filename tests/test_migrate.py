@@ -257,13 +257,22 @@ def test_a_stopped_vm_moves_its_definition(
 # --- pure decisions ---------------------------------------------------------------------
 
 
-def test_resolve_host_takes_uris_and_says_there_is_no_inventory_yet() -> None:
+def test_resolve_host_takes_uris_and_inventory_names(tmp_path, monkeypatch) -> None:
+    from ozone_libvirt.errors import ConfigError
+
     assert mig.resolve_host("qemu+ssh://rack2/system") == (
         "qemu+ssh://rack2/system",
         "qemu+ssh://rack2/system",
     )
-    with pytest.raises(UsageError, match="no host inventory yet"):
+    hosts = tmp_path / "hosts.yaml"
+    monkeypatch.setenv("OZONE_HOSTS", str(hosts))
+    with pytest.raises(ConfigError, match="no hosts file"):
         mig.resolve_host("rack2")
+    hosts.write_text("hosts:\n  rack2: qemu+ssh://root@rack2/system\n")
+    assert mig.resolve_host("rack2") == ("rack2", "qemu+ssh://root@rack2/system")
+    with pytest.raises(UsageError, match="no host named 'rack3'") as err:
+        mig.resolve_host("rack3")
+    assert "rack2" in (err.value.hint or "")
 
 
 def test_clash_names_the_vm_that_holds_a_port_on_the_destination() -> None:
