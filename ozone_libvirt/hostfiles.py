@@ -55,10 +55,9 @@ def _pool_target(pool: libvirt.virStoragePool) -> str | None:
 
 def _pool_covering(conn: libvirt.virConnect, folder: Path) -> libvirt.virStoragePool | None:
     """A pool of the host (active or not) whose folder is ``folder``."""
-    for pool in call(conn.listAllStoragePools, 0):
-        if _pool_target(pool) == str(folder):
-            return pool
-    return None
+    return if_exists(
+        conn.storagePoolLookupByTargetPath, str(folder), missing=libvirt.VIR_ERR_NO_STORAGE_POOL
+    )
 
 
 def pool_name(folder: Path) -> str:
@@ -341,6 +340,58 @@ def _transfer_failed(
         f"copying {vol.path()} to {host_name(conn)} failed: {err.get_error_message()}",
         hint="nothing half-copied is kept; try again",
     )
+
+
+def copy_between(
+    source: libvirt.virConnect,
+    target: libvirt.virConnect,
+    path: Path,
+    *,
+    mode: str = "0644",
+    owner: tuple[int, int] | None = None,
+) -> None:
+    """Copy the file ``path`` of ``source``'s host to the same path on ``target``'s, through
+    two libvirt streams (from a file here when ``source`` is this machine's daemon), a chunk
+    at a time. A copy cut short is removed."""
+    from .connection import is_local
+
+    if is_local(source):
+        upload(target, path, path, mode=mode, owner=owner)
+        return
+    vol = _volume(source, path)
+    if vol is None:
+        from .errors import NotFoundError
+
+        raise NotFoundError(f"{path} does not exist on {host_name(source)}")
+    length = int(etree.fromstring(call(vol.XMLDesc, 0).encode()).findtext("physical") or 0)
+    pool = ensure_pool(target, path.parent)
+    xml = E.volume(
+        E.name(path.name),
+        E.capacity("0", unit="bytes"),
+        E.target(E.format(type="raw"), _permissions(mode, owner)),
+    )
+    copy = call(pool.createXML, etree.tostring(xml, encoding="unicode"), 0)
+    inbound, outbound = call(source.newStream, 0), call(target.newStream, 0)
+    try:
+        with libvirt_errors(explain=lambda err: _transfer_failed(target, copy, err)):
+            vol.download(inbound, 0, length, 0)
+            copy.upload(outbound, 0, length, 0)
+            sent = 0
+            while sent < length and isinstance(chunk := inbound.recv(CHUNK), bytes) and chunk:
+                while chunk:
+                    n = outbound.send(chunk)
+                    chunk, sent = chunk[n:], sent + n
+            if sent != length:
+                raise OzoneError(f"{path} on {host_name(source)} ended early while it was copied")
+            inbound.finish()
+            outbound.finish()
+    except BaseException:
+        for stream in (inbound, outbound):
+            with best_effort():
+                stream.abort()
+        with best_effort():
+            copy.delete(0)
+        raise
 
 
 def download(conn: libvirt.virConnect, path: Path, *, offset: int = 0, length: int = 0) -> bytes:

@@ -277,6 +277,7 @@ class _Made:
     """What was made on the destination for the VM, to remove again if the move fails."""
 
     folders: list[Path] = field(default_factory=list)
+    copies: list[Path] = field(default_factory=list)  # read-only files copied there
     pools: list[libvirt.virStoragePool] = field(default_factory=list)  # ours, for copied disks
     built: list[libvirt.virStoragePool] = field(default_factory=list)  # their folders made
     disks: list[Path] = field(default_factory=list)  # copied disks (libvirt makes them)
@@ -329,10 +330,13 @@ def migrate(
         ) from None
     try:
         say(f"checking {label}")
-        _check_destination(dconn, name, uuid, meta, plan, label=label)
+        to_copy = _check_destination(dconn, name, uuid, meta, plan, label=label)
         made = _Made()
         try:
             _prepare(dconn, plan, made, label=label)
+            for use in to_copy:
+                say(f"copying {use.path.name} to {label}")
+                _copy_there(conn, dconn, use, made)
             flags = migration_flags(
                 running=running, persistent=persistent, live=live, copy_storage=copy_storage
             )
@@ -362,7 +366,7 @@ def migrate(
             bytes_copied=int(stats.get("data_processed", 0)),
             disks_copied=tuple(str(p) for p in plan.copied),
             left_on_source=tuple(str(p) for p in plan.copied),
-            made_on_destination=tuple(str(p) for p in made.folders),
+            made_on_destination=tuple(str(p) for p in [*made.folders, *made.copies]),
         )
     finally:
         close_quietly(dconn)
@@ -376,7 +380,9 @@ def _check_destination(
     plan: Needs,
     *,
     label: str,
-) -> None:
+) -> list[dx.FileUse]:
+    """Refuse a move that cannot work; return the read-only files the destination lacks,
+    which ozone copies there (at the same path) before the move."""
     from .vm import neighbours
 
     same_name = find_domain(dconn, name)
@@ -397,7 +403,8 @@ def _check_destination(
         )
     wanted = [use.path for use in plan.present] + list(plan.copied)
     found = present_on(dconn, wanted)
-    missing = [use for use in plan.present if use.path not in found]
+    absent = [use for use in plan.present if use.path not in found]
+    missing = [use for use in absent if use.role not in READ_ONLY_ROLES]
     if missing:
         raise NotFoundError(
             f"{label} lacks files {name} needs: "
@@ -422,6 +429,25 @@ def _check_destination(
                     "nothing was moved",
                     hint="make it there, or give the VM `qmp: auto` and `ozone define` it again",
                 )
+    return [use for use in absent if use.role in READ_ONLY_ROLES]
+
+
+# what a VM only reads: copied to the destination when it lacks them (writable disks move
+# only with --copy-storage, through the migration itself)
+READ_ONLY_ROLES = frozenset({"cdrom", "kernel", "initrd", "read-only disk", "backing image"})
+
+
+def _copy_there(
+    conn: libvirt.virConnect, dconn: libvirt.virConnect, use: dx.FileUse, made: _Made
+) -> None:
+    """Copy one read-only file to the same path on the destination. A read-only disk (a
+    cloud-init seed) may hold secrets: QEMU's user's there, 0400; the rest 0644."""
+    from .hostfiles import copy_between
+
+    secret = use.role == "read-only disk"
+    owner = qemu_owner(dconn) if secret else None
+    made.copies.append(use.path)
+    copy_between(conn, dconn, use.path, mode="0400" if secret else "0644", owner=owner)
 
 
 def _prepare(dconn: libvirt.virConnect, plan: Needs, made: _Made, *, label: str) -> None:
@@ -463,8 +489,8 @@ def _prepare(dconn: libvirt.virConnect, plan: Needs, made: _Made, *, label: str)
 
 
 def _undo(dconn: libvirt.virConnect, made: _Made) -> None:
-    """The move failed: remove the copies of disks and the folders made for it."""
-    for disk in made.disks:
+    """The move failed: remove the copies of disks and files and the folders made for it."""
+    for disk in [*made.disks, *made.copies]:
         vol = if_exists(
             dconn.storageVolLookupByPath, str(disk), missing=libvirt.VIR_ERR_NO_STORAGE_VOL
         )

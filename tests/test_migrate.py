@@ -320,3 +320,35 @@ def test_needs_lists_what_is_not_copied() -> None:
     assert copying.socket_folder == Path("/var/lib/ozone/qmp")
     shared = mig.needs(xml, meta, copy_storage=False)
     assert sorted(str(u.path) for u in shared.present) == ["/srv/x.iso", "/v/a.qcow2"]
+
+
+def test_a_vm_defined_on_the_second_host_moves_here_and_back_with_its_iso_copied(
+    second_host: str, tmp_path: Path
+) -> None:
+    """Its ISO is ozone's copy in the second host's /var/lib/ozone/files, which this host
+    lacks: migrate copies it (same path) before the move, then the VM moves back."""
+    name = f"{PREFIX}mig-remote"
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps({"name": name, "memory": "256MiB", "cdrom": ISO,
+                                  "network": "none"}))  # fmt: skip
+    copy = None
+    try:
+        assert ozone_on(second_host, "define", str(config)).returncode == 0
+        started = ozone_on(second_host, "start", name, "--wait", "--timeout", "120")
+        assert started.returncode == 0, started.stderr
+        sources = virsh_on(second_host, "domblklist", name).split()
+        copy = next(word for word in sources if "/files/" in word)
+        assert not Path(copy).exists()  # only the second host has it
+        proc = ozone_on(second_host, "migrate", name, URI, "--live", "--json")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert copy in json.loads(proc.stdout)["made_on_destination"]
+        assert Path(copy).is_file() and Path(copy).stat().st_mode & 0o777 == 0o644
+        assert run_ozone("exec", name, "--", "true").returncode == 0
+        back = run_ozone("migrate", name, second_host, "--live")
+        assert back.returncode == 0, back.stderr
+        assert ozone_on(second_host, "exec", name, "--", "true").returncode == 0
+    finally:
+        remove_on(second_host, name)
+        remove_domain(name)
+        if copy is not None:
+            virsh("vol-delete", copy, check=False)
