@@ -82,6 +82,9 @@ def info(
     )
 
 
+WORKERS = 8  # metadata calls at once (libvirtd serves 5 per client; the rest queue)
+
+
 def list_vms(conn: libvirt.virConnect, *, all_domains: bool = False) -> list[VMInfo]:
     """ozone's VMs (or, with ``all_domains``, every domain), sorted by name.
 
@@ -110,8 +113,13 @@ def list_vms(conn: libvirt.virConnect, *, all_domains: bool = False) -> list[VMI
         except NotFoundError:
             return None  # vanished while we looked
 
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        metas = list(pool.map(meta_of, [dom for dom, _ in stats]))
+    # one slice of the domains per thread (a future per domain costs more than the call)
+    doms = [dom for dom, _ in stats]
+    slices = [doms[i::WORKERS] for i in range(WORKERS)]
+    metas: list[OzoneMetadata | None] = [None] * len(doms)
+    with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+        for i, found in enumerate(pool.map(lambda part: [meta_of(d) for d in part], slices)):
+            metas[i::WORKERS] = found
     result = []
     for (dom, st), meta in zip(stats, metas, strict=True):
         if meta is None and not all_domains:
