@@ -36,11 +36,30 @@ class Answer(Generic[T]):
     error: OzoneError | None = None
 
 
-def ask_all(hosts: Sequence[Host], question: Callable[[libvirt.virConnect], T]) -> list[Answer[T]]:
+ANSWER_TIMEOUT = 120.0  # seconds a connected host has to answer (a hung daemon never does)
+
+
+def ask_all(
+    hosts: Sequence[Host],
+    question: Callable[[libvirt.virConnect], T],
+    *,
+    timeout: float = ANSWER_TIMEOUT,
+) -> list[Answer[T]]:
     """Ask every host ``question`` at once, one thread and one connection each; the
     answers in the hosts' order. An ozone error (no connection, a refused call) is that
-    host's answer; anything else is a bug, raised here once every host is done."""
-    answers: list[Answer[T]] = [Answer(h) for h in hosts]
+    host's answer, and so is silence past the connect timeout plus ``timeout`` seconds
+    (its thread is left behind: a call libvirt never answers cannot be taken back);
+    anything else is a bug, raised here once every host is done."""
+    import time
+
+    from .connection import connect_timeout
+    from .errors import ConnectionFailed
+
+    silent = ConnectionFailed(
+        f"connected, but no answer within {timeout:g} s",
+        hint="is its libvirtd hung? `virsh -c URI list` asks it again",
+    )
+    answers: list[Answer[T]] = [Answer(h, error=silent) for h in hosts]
     crashed: list[BaseException] = []
 
     def ask(index: int, host: Host) -> None:
@@ -58,11 +77,12 @@ def ask_all(hosts: Sequence[Host], question: Callable[[libvirt.virConnect], T]) 
     ]
     for thread in threads:
         thread.start()
+    deadline = time.monotonic() + connect_timeout() + timeout
     for thread in threads:
-        thread.join()
+        thread.join(max(0.0, deadline - time.monotonic()))
     if crashed:
         raise crashed[0]
-    return answers
+    return list(answers)
 
 
 # --- ozone list --all-hosts --------------------------------------------------------------

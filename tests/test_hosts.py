@@ -257,6 +257,32 @@ def test_a_host_that_never_answers_costs_the_connect_timeout_not_for_ever():
     assert took < 5
 
 
+def test_a_host_that_connects_and_then_hangs_is_its_own_error_row(monkeypatch):
+    """A daemon that hangs after the connection is made (stopped, deadlocked) must not
+    hold the others: past the answer timeout its row says so."""
+    import threading
+
+    monkeypatch.setenv("OZONE_CONNECT_TIMEOUT", "1")
+    release = threading.Event()
+    inventory = Inventory(
+        (Host("hung", "test:///default"), Host("ok", "test:///default")), Path("/h")
+    )
+
+    def question(conn):
+        if threading.current_thread().name == "ask hung":
+            release.wait(30)  # never answers within the test's timeout
+        return conn.getHostname()
+
+    began = time.monotonic()
+    try:
+        answers = fleet.ask_all(inventory.hosts, question, timeout=0.5)
+    finally:
+        release.set()
+    assert time.monotonic() - began < 5
+    assert answers[1].value and answers[1].error is None
+    assert answers[0].value is None and "no answer within 0.5 s" in answers[0].error.message
+
+
 # --- the command line, without libvirtd --------------------------------------------------------
 
 
