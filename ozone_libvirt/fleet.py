@@ -41,7 +41,7 @@ ANSWER_TIMEOUT = 120.0  # seconds a connected host has to answer (a hung daemon 
 
 def ask_all(
     hosts: Sequence[Host],
-    question: Callable[[libvirt.virConnect], T],
+    question: Callable[[libvirt.virConnect, Host], T],
     *,
     timeout: float = ANSWER_TIMEOUT,
 ) -> list[Answer[T]]:
@@ -65,7 +65,7 @@ def ask_all(
     def ask(index: int, host: Host) -> None:
         try:
             with connect(host.uri, host=host.name) as conn, libvirt_errors(uri=host.uri):
-                answers[index] = Answer(host, value=question(conn))
+                answers[index] = Answer(host, value=question(conn, host))
         except OzoneError as err:
             answers[index] = Answer(host, error=err)
         except BaseException as err:  # re-raised below, in the caller's thread
@@ -112,8 +112,10 @@ def list_everywhere(inventory: Inventory, *, all_domains: bool = False) -> Every
     each host's by name."""
     from .inventory import list_vms
 
-    answers = ask_all(inventory.hosts, lambda conn: list_vms(conn, all_domains=all_domains))
-    vms = [dataclasses.replace(vm, host=a.host.name) for a in answers if a.value for vm in a.value]
+    answers = ask_all(
+        inventory.hosts, lambda conn, host: list_vms(conn, all_domains=all_domains, host=host.name)
+    )
+    vms = [vm for a in answers if a.value for vm in a.value]
     errors = [
         HostError(a.host.name, a.host.uri, a.error.code, a.error.message, a.error.hint)
         for a in answers
@@ -152,8 +154,8 @@ def locate(inventory: Inventory, config: VMConfig) -> Placement:
     :func:`.hosts.place` picks. Every host is asked at once; one that does not answer is
     left out, with a note."""
 
-    def look(conn: libvirt.virConnect) -> tuple[bool, Capacity]:
-        return find_domain(conn, config.name) is not None, capacity(conn, "")
+    def look(conn: libvirt.virConnect, host: Host) -> tuple[bool, Capacity]:
+        return find_domain(conn, config.name) is not None, capacity(conn, host.name)
 
     answers = ask_all(inventory.hosts, look)
     holders = [a.host.name for a in answers if a.value is not None and a.value[0]]
@@ -170,9 +172,7 @@ def locate(inventory: Inventory, config: VMConfig) -> Placement:
     if holders:
         rule = f"{config.name} is on {holders[0]} already: not placed again"
         return Placement(holders[0], rule, found=True, notes=notes)
-    capacities = [
-        dataclasses.replace(a.value[1], host=a.host.name) for a in answers if a.value is not None
-    ]
+    capacities = [a.value[1] for a in answers if a.value is not None]
     placed = place(
         capacities,
         name=config.name,

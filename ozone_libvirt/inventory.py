@@ -85,8 +85,11 @@ def info(
 WORKERS = 8  # metadata calls at once (libvirtd serves 5 per client; the rest queue)
 
 
-def list_vms(conn: libvirt.virConnect, *, all_domains: bool = False) -> list[VMInfo]:
-    """ozone's VMs (or, with ``all_domains``, every domain), sorted by name.
+def list_vms(
+    conn: libvirt.virConnect, *, all_domains: bool = False, host: str | None = None
+) -> list[VMInfo]:
+    """ozone's VMs (or, with ``all_domains``, every domain), sorted by name (``host``: the
+    inventory's name for the host, which each carries).
 
     A few bulk calls (all domains' stats at once, the saved and transient sets) plus one
     metadata call per domain, eight at a time: on a host with 1000 domains this stays
@@ -138,6 +141,7 @@ def list_vms(conn: libvirt.virConnect, *, all_domains: bool = False) -> list[VMI
                 persistent=name not in transient,
                 source=meta.source if meta else None,
                 config_hash=meta.hash if meta else None,
+                host=host,
             )
         )
     return sorted(result, key=lambda v: v.name)

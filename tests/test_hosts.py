@@ -268,8 +268,8 @@ def test_a_host_that_connects_and_then_hangs_is_its_own_error_row(monkeypatch):
         (Host("hung", "test:///default"), Host("ok", "test:///default")), Path("/h")
     )
 
-    def question(conn):
-        if threading.current_thread().name == "ask hung":
+    def question(conn, host):
+        if host.name == "hung":
             release.wait(30)  # never answers within the test's timeout
         return conn.getHostname()
 
