@@ -152,6 +152,7 @@ class VolumeInfo:
     format: str
     backing: Path | None
     type: str = "file"  # file, block, dir, …
+    mtime: str | None = None  # when the file last changed, as the host tells ("SECONDS.NANOS")
 
 
 def _volume(conn: libvirt.virConnect, path: Path) -> libvirt.virStorageVol | None:
@@ -176,6 +177,7 @@ def info(conn: libvirt.virConnect, path: Path) -> VolumeInfo | None:
         else "raw",
         backing=Path(backing) if backing else None,
         type=root.get("type", "file"),
+        mtime=root.findtext("target/timestamps/mtime"),
     )
 
 
@@ -196,10 +198,12 @@ def create(
     backing: Path | None = None,
     backing_format: str | None = None,
     mode: str = "0600",
+    owner: tuple[int, int] | None = None,
 ) -> None:
-    """Make an empty disk (or an overlay over ``backing``) at ``path`` on the host."""
+    """Make an empty disk (or an overlay over ``backing``) at ``path`` on the host
+    (``owner``: (uid, gid) of the file, else libvirt's)."""
     pool = ensure_pool(conn, path.parent)
-    target = E.target(E.format(type=format), _permissions(mode, None))
+    target = E.target(E.format(type=format), _permissions(mode, owner))
     if format == "qcow2":
         target.insert(1, E.compat("1.1"))
     xml = E.volume(E.name(path.name), E.capacity(str(capacity), unit="bytes"), target)
