@@ -308,13 +308,15 @@ def prune_entry(entry: Path, conn: libvirt.virConnect | None = None) -> bool:
         if remote:
             if conn is None:
                 return False
-            from .connection import best_effort
+            from .errors import OzoneError
 
-            with best_effort():  # (cleanup: an error is the caller's to tell)
+            gone = False  # (a cleanup after a failure: the caller tells its own error)
+            with contextlib.suppress(OzoneError, libvirt.libvirtError):
                 for volume in host_volumes(conn, entry.name):
                     _delete_volume(conn, volume)
-            if host_volumes(conn, entry.name):
-                return False
+                gone = True
+            if not gone:
+                return False  # `ozone gc` tries again
         shutil.rmtree(entry)
     return True
 
