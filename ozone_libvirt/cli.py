@@ -1211,7 +1211,8 @@ app.add_typer(cache_app, name="cache")
 @cache_app.command("list")
 @handles_errors
 def cache_list(as_json: JsonOpt = False) -> None:
-    """Show the boot cache's entries: key, config, slots filled, size on disk, age."""
+    """Show the boot cache's entries: key, config, slots filled, size on disk, age (and the
+    host their saved states are on, when it is not this machine)."""
     from . import cache
     from .units import human_size
 
@@ -1223,7 +1224,12 @@ def cache_list(as_json: JsonOpt = False) -> None:
         [e.key, e.config or e.name, e.slots, human_size(e.bytes), f"{e.age_s / 60:.0f} min"]
         for e in entries
     ]
-    output.emit(output.table(["KEY", "CONFIG", "SLOTS", "SIZE", "AGE"], rows))
+    headers = ["KEY", "CONFIG", "SLOTS", "SIZE", "AGE"]
+    if any(e.host is not None for e in entries):  # states on other hosts: say where
+        headers.append("HOST")
+        for row, entry in zip(rows, entries, strict=True):
+            row.append(entry.host or "this machine")
+    output.emit(output.table(headers, rows))
 
 
 @cache_app.command("clear")
@@ -1238,7 +1244,8 @@ def cache_clear(
     ] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Drop boot cache entries (all, or one config's); entries in use stay."""
+    """Drop boot cache entries (all, or one config's) of the connected host; entries in use
+    stay, and so do those of other hosts."""
     from . import cache
 
     if config is not None:

@@ -379,6 +379,15 @@ def is_local(conn: libvirt.virConnect) -> bool:
     return ("+" not in scheme or scheme.endswith(("+unix", "+ext"))) and host in ("", "localhost")
 
 
+def host_uuid(conn: libvirt.virConnect) -> str:
+    """The host's UUID (from its capabilities): what tells two hosts apart, whatever URIs
+    reach them."""
+    from xml.etree import ElementTree
+
+    caps = ElementTree.fromstring(call(conn.getCapabilities))
+    return caps.findtext("host/uuid") or call(conn.getURI)
+
+
 def host_facts(conn: libvirt.virConnect) -> HostFacts:
     """Facts the domain XML depends on, read from the connection and the environment."""
     from lxml import etree

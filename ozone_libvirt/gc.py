@@ -4,8 +4,10 @@ Everything ozone leaves while it works says who owns it: a run's folder holds a 
 holds (:class:`.run.RunDir`), a copy holds a lease (:mod:`.state`), a boot cache slot holds
 a lock. A free lock means a dead owner, so what it covers is debris:
 
-* runs: their transient VMs and overlay folders (kept runs stay while their VM runs);
-* the boot cache: entries with no saved state (a fill that failed) and half-written states;
+* runs: their transient VMs and overlay folders (kept runs stay while their VM runs), also
+  on another host (its overlays there, through a connection to the run's URI);
+* the boot cache: entries with no saved state (a fill that failed) and half-written states
+  (those on another host: when ``conn`` is that host);
 * copies: ``.NAME.ozone-part-*`` files on the host, ``.ozone-cp-*`` folders in guests
   (through the guest agent; a guest that is not running keeps its folder until it runs);
 * runs of `ozone exec`: their folders in the guest's stage (a program still running gets
@@ -84,8 +86,8 @@ class _Sweep:
 def collect(conn: libvirt.virConnect, *, dry_run: bool = False) -> GcResult:
     """Find (and unless ``dry_run``, remove) everything dead ozone processes left."""
     result = _Sweep(dry_run)
-    result.removed += reap_runs(conn, dry_run=dry_run)
-    result.removed += prune_cache(dry_run=dry_run)
+    result.removed += reap_runs(conn, dry_run=dry_run, open_others=True, skipped=result.kept)
+    result.removed += prune_cache(conn, dry_run=dry_run)
     result.removed += store_debris(conn, dry_run=dry_run)
     _host_parts(result)
     _guest_leftovers(conn, result)

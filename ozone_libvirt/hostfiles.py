@@ -15,6 +15,7 @@ finds it by its size and makes it again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 from collections.abc import Callable
@@ -247,10 +248,12 @@ def create(
     backing: Path | None = None,
     backing_format: str | None = None,
     mode: str = "0600",
+    owner: tuple[int, int] | None = None,
 ) -> None:
-    """Make an empty disk (or an overlay over ``backing``) at ``path`` on the host."""
+    """Make an empty disk (or an overlay over ``backing``) at ``path`` on the host
+    (``owner``: (uid, gid) of the file, else libvirt's)."""
     pool = ensure_pool(conn, path.parent)
-    target = E.target(E.format(type=format), _permissions(mode, None))
+    target = E.target(E.format(type=format), _permissions(mode, owner))
     if format == "qcow2":
         target.insert(1, E.compat("1.1"))
     xml = E.volume(E.name(path.name), E.capacity(str(capacity), unit="bytes"), target)
@@ -596,5 +599,5 @@ def remove(conn: libvirt.virConnect, paths: list[Path]) -> None:
     """Remove files this command made on the host (cleanup: errors are left for the one
     that caused it)."""
     for path in paths:
-        with best_effort():
+        with contextlib.suppress(OzoneError):  # (translated already: not a libvirtError)
             delete(conn, path)

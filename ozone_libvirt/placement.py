@@ -37,11 +37,15 @@ VMS_DIR = OZONE_DIR / "vms"  # disks of VMs whose config lives on another machin
 FILES_DIR = OZONE_DIR / "files"  # read-only inputs from this machine (ISOs, kernels, images)
 LOGS_DIR = OZONE_DIR / "logs"  # serial logs, read back through libvirt
 IMAGES_DIR = OZONE_DIR / "images"  # the image store there (images.SYSTEM_STORE)
+RUNS_DIR = OZONE_DIR / "runs"  # overlays of `ozone run` (:mod:`.runhost`)
+CACHE_DIR = OZONE_DIR / "cache"  # the boot cache's saved states and their overlays
 POOLS = {  # ozone's pools on a host, by their folder (images.POOL is the store's)
     VMS_DIR: "ozone-vms",
     FILES_DIR: "ozone-files",
     LOGS_DIR: "ozone-logs",
     IMAGES_DIR: "ozone-images",
+    RUNS_DIR: "ozone-runs",
+    CACHE_DIR: "ozone-cache",
 }
 
 

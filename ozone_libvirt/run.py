@@ -13,15 +13,17 @@ one slot, and runs of the same config at once use different slots (or, when all 
 boot without the cache). The slot's overlays are never written after the save: each run puts
 a fresh qcow2 overlay over them, so a memory image is never paired with a disk that changed
 after it was taken, and the config's base disks are never written at all.
+
+On another host (a remote URI) all of this happens there: the config's files are copied
+there, the overlays, save images and serial logs are volumes of ozone's pools there, and
+the key names that host and its files as it sees them (:mod:`.runhost`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import secrets
-import shutil
 import time
 import uuid as uuidlib
 from collections.abc import Callable
@@ -35,16 +37,7 @@ from lxml import etree
 from . import domain_xml as dx
 from . import execute
 from .agent import Agent
-from .cache import (
-    SLOTS,
-    Slot,
-    acquire_slot,
-    clear_cache,
-    file_identity,
-    key_digest,
-    make_dir,
-    prune_entry,
-)
+from .cache import SLOTS, Slot, acquire_slot, clear_cache, key_digest, prune_entry
 from .config import Disk, Qmp, VMConfig, check_host_paths
 from .connection import (
     best_effort,
@@ -58,7 +51,7 @@ from .connection import (
 )
 from .errors import OzoneError, StateError
 from .rundir import RunDir, reap_runs
-from .storage import create_disk, parse_label
+from .runhost import Kind, LocalFiles, disk_kinds, files_for
 from .vm import is_active, wait_for_guest
 
 Report = Callable[[str], None]
@@ -87,14 +80,17 @@ def config_of(config_or_name: str, *, uri: str | None = None, host: str | None =
 CACHE_FORMAT = 2
 
 
-def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -> dict[str, Any]:
-    """Everything a saved boot state depends on."""
+def cache_key(
+    conn: libvirt.virConnect,
+    config: VMConfig,
+    facts: dx.HostFacts,
+    files: LocalFiles | None = None,
+) -> dict[str, Any]:
+    """Everything a saved boot state depends on (``files``: where the run's files are, which
+    names the files the key covers and tells what they are)."""
     # the name stays in: a slot's saved state comes back only under its own name
     generic = dataclasses.replace(config, qmp=Qmp(kind="off"), source=None)
-    files = [config.cdrom, config.kernel, config.initrd]
-    files += [p for d in config.disks for p in (d.path, d.backing)]
-    if is_local(conn):
-        files += [Path("/usr/share/seabios/bios-256k.bin"), Path("/usr/bin/qemu-system-x86_64")]
+    files = files or files_for(conn, facts)
     return {
         "format": CACHE_FORMAT,
         "config": generic.hash,
@@ -102,42 +98,32 @@ def cache_key(conn: libvirt.virConnect, config: VMConfig, facts: dx.HostFacts) -
         "libvirt": call(conn.getLibVersion),
         "machine": config.machine,
         "type": dx.domain_type(config, facts),
-        "files": {str(p): _identity(p) for p in files if p is not None},
+        **files.key_parts(config),
     }
-
-
-def _identity(path: Path) -> str:
-    """What a file is, for the key: its size, mtime and inode; a cloud-init seed, whose name
-    is the hash of its content and whose mtime ozone refreshes while it is in use, by name."""
-    from .images import is_seed
-
-    if is_seed(path):
-        return f"content {path.name}"
-    return file_identity(path)
 
 
 # --- booting, saving, restoring ------------------------------------------------------------
 
 
-def _overlays(config: VMConfig, folder: Path, facts: dx.HostFacts) -> list[Disk]:
-    """qcow2 overlays in ``folder`` over the config's disks, owned by QEMU's user (a
-    throwaway VM is never relabelled: see :func:`_transient`)."""
-    owner = parse_label(facts.qemu_label)
+def _overlays(
+    files: LocalFiles, config: VMConfig, kinds: list[Kind], target: Callable[[int], Path]
+) -> list[Disk]:
+    """qcow2 overlays (at ``target(index)``) over the config's disks, owned by QEMU's user
+    (a throwaway VM is never relabelled: see :func:`_transient`)."""
     disks = []
-    for i, disk in enumerate(config.disks):
-        target = folder / f"disk{i}.qcow2"
-        if disk.readonly:  # read in place (a cloud-init seed)
+    for i, (disk, kind) in enumerate(zip(config.disks, kinds, strict=True)):
+        if kind == "as-is":  # read in place (a cloud-init seed)
             disks.append(disk)
             continue
-        if disk.path.exists():
+        path = target(i)
+        if kind == "overlay":
             # the image's boot disk may be bigger than the image (its size)
             size = disk.size if i == 0 and config.image is not None else None
-            create_disk(Disk(path=target, backing=disk.path, size=size), owner=owner)
-        elif disk.size is not None:  # nothing to protect: a blank disk of that size
-            create_disk(Disk(path=target, size=disk.size), owner=owner)
+            files.overlay(path, backing=disk.path, size=size)
         else:
-            raise OzoneError(f"disk {disk.path} does not exist and has no size to create it")
-        disks.append(Disk(path=target, format="qcow2", bus=disk.bus))
+            assert disk.size is not None
+            files.blank(path, disk.size)
+        disks.append(Disk(path=path, format="qcow2", bus=disk.bus))
     return disks
 
 
@@ -194,43 +180,51 @@ def fill(
     *,
     boot_timeout: float,
     run_dir: RunDir,
+    files: LocalFiles | None = None,
+    kinds: list[Kind] | None = None,
 ) -> None:
     """Boot the config under the slot's name, wait for its agent, save its state."""
-    shutil.rmtree(slot.dir / "disks", ignore_errors=True)
-    for stale in (slot.state, slot.meta, slot.dir / "state.save.part"):
-        stale.unlink(missing_ok=True)
-    disks_dir = make_dir(slot.dir / "disks")
-    disks = _overlays(config, disks_dir, facts)
+    files = files or files_for(conn, facts)
+    files.empty_slot(slot)
+    disks = _overlays(files, config, kinds or disk_kinds(config), slot.disk)
     dom = _transient(conn, config, facts, slot.domain_name, disks, run_dir)
     try:
         # a guest with cloud-init is saved once cloud-init is done: every run gets its users
         wait_for_guest(dom, timeout=boot_timeout, cloud_init=config.uses_cloud_init, interval=0.05)
-        partial = slot.dir / "state.save.part"
-        call(dom.save, str(partial), name=slot.domain_name)  # the transient domain ends here
-        partial.rename(slot.state)
+        files.save(dom, slot)  # the transient domain ends here
     except BaseException:
         with best_effort():  # the failure may have ended the domain already
             dom.destroy()
         raise
-    meta = {
+    meta: dict[str, Any] = {
         "name": slot.domain_name,
         "created": time.time(),
-        "disks": {str(d.path): file_identity(d.path) for d in disks if not d.readonly},
+        "disks": {str(d.path): files.identity(d.path) for d in disks if not d.readonly},
     }
+    if files.remote:  # what the host holds, as it was saved (and its size, for `cache list`)
+        from .hostfiles import info
+
+        meta["state"] = files.identity(slot.state)
+        held = [info(conn, p) for p in (slot.state, *(d.path for d in disks if not d.readonly))]
+        meta["bytes"] = sum(h.physical for h in held if h is not None)
     slot.meta.write_text(json.dumps(meta, indent=2))
 
 
 def restore(
-    conn: libvirt.virConnect, slot: Slot, run_dir: RunDir, facts: dx.HostFacts
+    conn: libvirt.virConnect,
+    slot: Slot,
+    run_dir: RunDir,
+    facts: dx.HostFacts,
+    files: LocalFiles | None = None,
 ) -> libvirt.virDomain:
     """Start the slot's saved state on fresh overlays over the slot's disks."""
+    files = files or files_for(conn, facts)
     meta = json.loads(slot.meta.read_text())
     slot_disks = [Path(p) for p in meta["disks"]]
     mapping = {}
-    owner = parse_label(facts.qemu_label)
     for i, base in enumerate(slot_disks):
-        target = run_dir.path / f"disk{i}.qcow2"
-        create_disk(Disk(path=target, backing=base), owner=owner)
+        target = files.run_disk(run_dir, i)
+        files.overlay(target, backing=base)
         mapping[str(base)] = str(target)
     xml = call(conn.saveImageGetXMLDesc, str(slot.state), libvirt.VIR_DOMAIN_XML_SECURE)
     root = etree.fromstring(xml.encode())
@@ -277,11 +271,14 @@ def run(
     execute.check_options(execute.ExecOptions(timeout=exec_options.get("timeout")))
     report = options.report
     resolved = images.resolve(config, for_run=True)
-    imagestore.ensure(conn, resolved, report=report)
+    imagestore.ensure(conn, resolved, report=report, local=is_local(conn))
     config = resolved.config
     facts = host_facts(conn)
     dx.check_machine(config, facts)
     check_host_paths(dataclasses.replace(config, disks=()))
+    files = files_for(conn, facts)
+    kinds = disk_kinds(config)
+    config = files.bring(config, resolved, kinds, report)  # (another host: its paths there)
     if config.shares:
         from .config import check_shares
         from .vm import with_share_guard
@@ -291,22 +288,25 @@ def run(
         if options.use_cache:
             report("no boot cache: QEMU cannot save the state of a VM with shares (virtio-fs)")
             options = dataclasses.replace(options, use_cache=False)
-    for leftover in reap_runs(conn):
+    skipped: list[str] = []
+    for leftover in reap_runs(conn, skipped=skipped):
         report(f"removed {leftover}, left by a run that died")
+    for note in skipped:
+        report(f"left {note}")
     slot = None
     parts: dict[str, Any] = {}
     dom: libvirt.virDomain | None = None
     began = time.monotonic()
     run_dir: RunDir | None = None
     try:
-        run_dir = RunDir.create(config)
+        run_dir = RunDir.create(config, conn)
         if options.use_cache:
-            parts = cache_key(conn, config, facts)
+            parts = cache_key(conn, config, facts, files)
             slot = acquire_slot(conn, config, parts)
             if slot is None:
                 report(f"all {SLOTS} boot cache slots of {config.name} are busy: booting")
         if slot is not None:
-            if not slot.valid():
+            if not slot.valid(conn):
                 report(f"boot cache miss for {config.name}: booting and saving its state")
                 try:
                     fill(
@@ -316,30 +316,31 @@ def run(
                         facts,
                         boot_timeout=options.boot_timeout,
                         run_dir=run_dir,
+                        files=files,
+                        kinds=kinds,
                     )
                 except BaseException:
                     slot.release()
-                    prune_entry(slot.entry)  # an entry with no state is no entry
+                    prune_entry(slot.entry, conn)  # an entry with no state is no entry
                     slot = None
                     raise
                 clear_cache(conn, config=str(config.source), except_key=key_digest(parts))
             else:
                 report(f"boot cache hit for {config.name}")
             try:
-                dom = restore(conn, slot, run_dir, facts)
+                dom = restore(conn, slot, run_dir, facts, files)
             except OzoneError as err:
                 # e.g. a host change the key does not cover: drop the state, boot this time
                 report(f"cannot restore the boot cache ({err.message}): booting")
                 slot.meta.unlink(missing_ok=True)
                 slot.release()
                 slot = None
-                for overlay in run_dir.overlays():
-                    overlay.unlink()
+                files.drop_overlays(run_dir)
             else:
                 _set_clock(dom, timeout=30)
         if dom is None:
             name = f"{config.name[:40]}-run-{secrets.token_hex(3)}"
-            disks = _overlays(config, run_dir.path, facts)
+            disks = _overlays(files, config, kinds, lambda i: files.run_disk(run_dir, i))
             dom = _transient(conn, config, facts, name, disks, run_dir)
             wait_for_guest(
                 dom, timeout=options.boot_timeout, cloud_init=config.uses_cloud_init, interval=0.05
@@ -353,14 +354,16 @@ def run(
             if run_dir is not None:
                 if options.keep and dom is not None:
                     run_dir.keep()
-                    report(f"kept {dom.name()} running (its disks are in {run_dir.path})")
+                    report(f"kept {dom.name()} running (its disks are {files.where(run_dir)})")
                 else:
-                    _discard(dom, run_dir)
+                    _discard(dom, run_dir, files)
             if slot is not None:
                 slot.release()
 
 
-def _discard(dom: libvirt.virDomain | None, run_dir: RunDir) -> None:
+def _discard(dom: libvirt.virDomain | None, run_dir: RunDir, files: LocalFiles) -> None:
+    """Remove the run's VM, its overlays and (a one-off name's) logs, and its folder."""
+    name = None
     if dom is not None:
         name = dom.name()
         try:
@@ -368,9 +371,5 @@ def _discard(dom: libvirt.virDomain | None, run_dir: RunDir) -> None:
         except StateError:
             if is_active(dom):
                 raise
-        if "-run-" in name:  # a one-off name: its logs would pile up
-            for log in (f"{name}-serial.log", f"{name}.log"):
-                with contextlib.suppress(OSError):
-                    (Path("/var/log/libvirt/qemu") / log).unlink()
-    shutil.rmtree(run_dir.path, ignore_errors=True)
+    files.discard(run_dir, name)
     run_dir.unlock()
