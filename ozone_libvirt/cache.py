@@ -35,7 +35,7 @@ from typing import IO, TYPE_CHECKING, Any
 import libvirt
 
 from .connection import call, find_domain, host_uuid, is_local
-from .placement import CACHE_DIR
+from .hostpaths import CACHE_DIR
 
 if TYPE_CHECKING:
     from .config import VMConfig

@@ -408,7 +408,7 @@ def host_facts(conn: libvirt.virConnect) -> HostFacts:
     session = uri.startswith("qemu:///session") and os.getuid() != 0
     log_dir = Path.home() / ".cache/libvirt/qemu/log" if session else Path("/var/log/libvirt/qemu")
     if not is_local(conn):  # a pool of ozone's there, read back through libvirt
-        from .placement import LOGS_DIR
+        from .hostpaths import LOGS_DIR
 
         log_dir = LOGS_DIR
     # the user libvirt runs QEMU as, for each domain type (none in a session: ourselves)

@@ -29,11 +29,11 @@ from lxml.builder import E
 
 from .connection import best_effort, call, if_exists, libvirt_errors
 from .errors import ConflictError, OzoneError
-from .placement import LOGS_DIR, POOLS
+from .hostpaths import LOGS_DIR, POOLS
 
 if TYPE_CHECKING:
+    from .hostpaths import HostPaths, Transfer
     from .images import Resolved
-    from .placement import Placement, Transfer
 
 Progress = Callable[[int, int | None], None]
 
@@ -457,19 +457,19 @@ def file_digest(path: Path) -> str:
 _DIGESTS: dict[tuple[str, int, int, int], str] = {}
 
 
-# --- bringing a placement's files to the host ------------------------------------------------
+# --- bringing a host_paths's files to the host ------------------------------------------------
 
 
 def bring_inputs(
     conn: libvirt.virConnect,
-    placement: Placement,
+    host_paths: HostPaths,
     resolved: Resolved | None,
     *,
     qemu: tuple[int, int] | None,
     report: Callable[[str], None] = lambda _text: None,
     progress: Progress | None = None,
 ) -> list[Path]:
-    """Copy the read-only files of ``placement`` to the host (each once: an existing
+    """Copy the read-only files of ``host_paths`` to the host (each once: an existing
     complete copy is kept) and make its log folder. Returns the files copied now."""
     from . import cloudinit
     from .errors import ConfigError
@@ -477,7 +477,7 @@ def bring_inputs(
 
     ensure_pool(conn, LOGS_DIR, mode="0700")  # virtlogd (root) writes serial logs there
     copied = []
-    for transfer in placement.transfers:
+    for transfer in host_paths.transfers:
         if transfer.kind == "seed":
             assert resolved is not None and resolved.seed_files is not None
             data = cloudinit.make_iso(resolved.seed_files)
@@ -489,7 +489,7 @@ def bring_inputs(
             if not source.is_file():
                 raise ConfigError(
                     f"{source} does not exist here, and ozone copies it to {host_name(conn)}",
-                    file=str(placement.config.source) if placement.config.source else None,
+                    file=str(host_paths.config.source) if host_paths.config.source else None,
                     field=transfer.where,
                     hint="give the disk a size (ozone makes it there), or the path of a file",
                 )
@@ -497,7 +497,7 @@ def bring_inputs(
                 raise ConfigError(
                     f"{source} has a backing file of its own: ozone copies single images to "
                     "another host",
-                    file=str(placement.config.source) if placement.config.source else None,
+                    file=str(host_paths.config.source) if host_paths.config.source else None,
                     field=transfer.where,
                     hint=f"`qemu-img convert -O qcow2 {source} FLAT.qcow2` and use that",
                 )
@@ -509,17 +509,17 @@ def bring_inputs(
     return copied
 
 
-def make_disks(conn: libvirt.virConnect, placement: Placement, *, running: bool) -> list[Path]:
-    """Make the placement's missing disks on the host. A disk that is there is kept: it
+def make_disks(conn: libvirt.virConnect, host_paths: HostPaths, *, running: bool) -> list[Path]:
+    """Make the host_paths's missing disks on the host. A disk that is there is kept: it
     must be an overlay over the same image, and no bigger than asked; a smaller one grows
     to the size asked while the VM is off (``running``: it is on). Returns those made, for
     the caller to remove if the domain is refused."""
     from .storage import image_info
 
     made: list[Path] = []
-    sources = {t.target: t.source for t in placement.transfers if t.kind == "upload"}
+    sources = {t.target: t.source for t in host_paths.transfers if t.kind == "upload"}
     try:
-        for transfer in placement.transfers:
+        for transfer in host_paths.transfers:
             if transfer.kind != "create":
                 continue
             held = info(conn, transfer.target)
@@ -532,7 +532,7 @@ def make_disks(conn: libvirt.virConnect, placement: Placement, *, running: bool)
                 virtual = int(facts.get("virtual-size", 0))  # type: ignore[call-overload]
                 capacity = max(capacity or virtual, virtual)
             if held is not None:
-                _check_held(conn, placement, transfer, held, capacity, running=running)
+                _check_held(conn, host_paths, transfer, held, capacity, running=running)
                 continue
             create(
                 conn,
@@ -552,7 +552,7 @@ def make_disks(conn: libvirt.virConnect, placement: Placement, *, running: bool)
 
 def _check_held(
     conn: libvirt.virConnect,
-    placement: Placement,
+    host_paths: HostPaths,
     transfer: Transfer,
     held: VolumeInfo,
     capacity: int | None,
@@ -561,7 +561,7 @@ def _check_held(
 ) -> None:
     """A disk the host holds already serves the config only as what it was made, at the
     size the config asks."""
-    name = placement.config.name
+    name = host_paths.config.name
     if transfer.backing is not None and held.backing != transfer.backing:
         raise ConflictError(
             f"{name}'s disk {held.path} on {host_name(conn)} is an overlay over "

@@ -602,7 +602,7 @@ def stored(store: Path) -> list[tuple[ImageRef, dict[str, Any]]]:
 def stored_there(conn: libvirt.virConnect) -> list[tuple[ImageRef, dict[str, Any]]]:
     """:func:`stored` for the store of another host (read through libvirt)."""
     from . import hostfiles
-    from .placement import IMAGES_DIR
+    from .hostpaths import IMAGES_DIR
 
     pool = hostfiles.ensure_pool(conn, IMAGES_DIR)
     found = []
@@ -628,7 +628,7 @@ def list_images(conn: libvirt.virConnect, store: Path | None = None) -> list[Ima
         images = stored(store)
     else:
         from . import hostfiles
-        from .placement import IMAGES_DIR
+        from .hostpaths import IMAGES_DIR
 
         store, images = IMAGES_DIR, stored_there(conn)
     around = neighbours(conn, local=local)
@@ -717,7 +717,7 @@ def _remove_image_there(conn: libvirt.virConnect, name: str) -> list[str]:
     """:func:`remove_image` in another host's store, through libvirt. (Boot cache entries
     there that were built on it cannot restore any more: a run then boots.)"""
     from . import hostfiles
-    from .placement import IMAGES_DIR
+    from .hostpaths import IMAGES_DIR
     from .state import host_lock
     from .vm import neighbours
 
@@ -891,7 +891,7 @@ def _debris_there(conn: libvirt.virConnect, *, dry_run: bool) -> list[str]:
     needs one again copies it again. This machine's defines hold the define lock; one run
     from another machine at the same moment may find a copy gone, and fails.)"""
     from . import hostfiles
-    from .placement import FILES_DIR, IMAGES_DIR
+    from .hostpaths import FILES_DIR, IMAGES_DIR
     from .state import host_lock
     from .vm import neighbours
 

@@ -226,7 +226,7 @@ def _reap_on(
 def one_off_log(name: str) -> Path | None:
     """The serial log on another host of a run's domain with a one-off name (None for a
     boot cache slot's domain: it keeps its name, and its log is written over each time)."""
-    from .placement import LOGS_DIR
+    from .hostpaths import LOGS_DIR
 
     return LOGS_DIR / f"{name}-serial.log" if "-run-" in name else None
 

@@ -5,7 +5,7 @@ On this machine (unchanged): a run's overlays in its folder (:mod:`.rundir`), a 
 slot's state and overlays in the slot's folder (:mod:`.cache`). On another host:
 
 - the config's inputs are copied there first, as `ozone define` copies them
-  (:mod:`.placement`): ISOs, kernels, seeds, and every disk a run puts an overlay over (a
+  (:mod:`.hostpaths`): ISOs, kernels, seeds, and every disk a run puts an overlay over (a
   base disk is read, never written: it goes where read-only inputs go, named by content);
 - a run's overlays: ``/var/lib/ozone/runs/RUN-diskN.qcow2``, RUN the name of the run's
   folder here, which keeps the bookkeeping (lock, ``owner.json`` naming the host and these
@@ -36,7 +36,7 @@ from .cache import Slot, cache_id, file_identity, make_dir, volume_identity
 from .config import Disk
 from .connection import call, host_uuid, is_local
 from .errors import OzoneError
-from .placement import CACHE_DIR, FILES_DIR, RUNS_DIR
+from .hostpaths import CACHE_DIR, FILES_DIR, RUNS_DIR
 from .rundir import RunDir, one_off_log, remove_host_file
 from .storage import create_disk, parse_label
 
@@ -147,7 +147,7 @@ class HostFiles(LocalFiles):
         """Copy the config's inputs to the host (each once) and give the config its paths
         there. A disk the run puts an overlay over is copied as a read-only input."""
         from . import hostfiles
-        from .placement import place
+        from .hostpaths import place
 
         if config.shares:
             raise OzoneError(
@@ -159,19 +159,19 @@ class HostFiles(LocalFiles):
             dataclasses.replace(d, readonly=True) if kind == "overlay" else d
             for d, kind in zip(config.disks, kinds, strict=True)
         ]
-        placement = place(
+        host_paths = place(
             dataclasses.replace(config, disks=tuple(as_inputs)),
             resolved,
             digest=hostfiles.file_digest,
         )
         for folder in (RUNS_DIR, CACHE_DIR):  # QEMU enters them, nobody lists them
             hostfiles.ensure_pool(self.conn, folder, mode="0711")
-        hostfiles.bring_inputs(self.conn, placement, resolved, qemu=self.owner, report=report)
+        hostfiles.bring_inputs(self.conn, host_paths, resolved, qemu=self.owner, report=report)
         disks = tuple(
             d if kind == "blank" else dataclasses.replace(placed, readonly=d.readonly)
-            for d, placed, kind in zip(config.disks, placement.config.disks, kinds, strict=True)
+            for d, placed, kind in zip(config.disks, host_paths.config.disks, kinds, strict=True)
         )
-        return dataclasses.replace(placement.config, disks=disks)
+        return dataclasses.replace(host_paths.config, disks=disks)
 
     def key_parts(self, config: VMConfig) -> dict[str, Any]:
         files = [config.cdrom, config.kernel, config.initrd]

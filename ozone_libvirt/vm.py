@@ -63,7 +63,7 @@ from .storage import (
 if TYPE_CHECKING:
     from . import images
     from .config import Disk, VMConfig
-    from .placement import Placement
+    from .hostpaths import HostPaths
 
 POLL = 0.05
 
@@ -432,21 +432,21 @@ def _define(
         imagestore.check_overlay(config, config.disks[0])
     made = imagestore.ensure(conn, resolved, report=report, progress=progress, local=local)
     formats: dict[Path, str] = {}
-    placement = None
+    host_paths = None
     if not local:  # the files go to the VM's host, through libvirt
         from . import hostfiles
-        from .placement import place
+        from .hostpaths import place
 
-        placement = place(config, resolved, digest=hostfiles.file_digest)
+        host_paths = place(config, resolved, digest=hostfiles.file_digest)
         made += hostfiles.bring_inputs(
             conn,
-            placement,
+            host_paths,
             resolved,
             qemu=parse_label(facts.qemu_label),
             report=report,
             progress=progress,
         )
-        config = placement.config
+        config = host_paths.config
     if local:
         check_host_paths(config)
         formats = _readable_inputs(config, facts)
@@ -513,7 +513,7 @@ def _define(
             config,
             dx.to_string(root),
             overlay=overlay,
-            placement=placement,
+            host_paths=host_paths,
             running=existing is not None and is_active(existing),
         )
     if qmp is not None and qmp.kind == "tcp":
@@ -572,12 +572,12 @@ def desired_xml(
 
 def placed(conn: libvirt.virConnect, resolved: images.Resolved) -> VMConfig:
     """The resolved config with the paths its files have on the VM's host: on another
-    machine, :func:`.placement.place`'s (a file missing here keeps its path: define
+    machine, :func:`.hostpaths.place`'s (a file missing here keeps its path: define
     says so)."""
     if is_local(conn):
         return resolved.config
     from .hostfiles import file_digest
-    from .placement import place
+    from .hostpaths import place
 
     try:
         return place(resolved.config, resolved, digest=file_digest).config
@@ -598,17 +598,17 @@ def _define_with_disks(
     xml: str,
     *,
     overlay: Disk | None = None,
-    placement: Placement | None = None,
+    host_paths: HostPaths | None = None,
     running: bool = False,
 ) -> tuple[libvirt.virDomain, list[Path]]:
     """Create the missing disks, then the domain; if libvirt refuses it, remove the disks
     again (a failed define leaves nothing behind). ``overlay``: the boot disk over the
-    config's image, made as a volume of the image store's pool. ``placement``: the VM's
+    config's image, made as a volume of the image store's pool. ``host_paths``: the VM's
     host is another machine, where its disks are made as volumes."""
-    if placement is not None:
+    if host_paths is not None:
         from . import hostfiles
 
-        created = hostfiles.make_disks(conn, placement, running=running)
+        created = hostfiles.make_disks(conn, host_paths, running=running)
         try:
             return _define_xml(conn, config, xml), created
         except BaseException:

@@ -1,12 +1,12 @@
-"""Where a config's files go on a host that is not this machine (placement.py, pure)."""
+"""Where a config's files go on a host that is not this machine (hostpaths.py, pure)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ozone_libvirt.config import parse_config
+from ozone_libvirt.hostpaths import FILES_DIR, IMAGES_DIR, VMS_DIR, place
 from ozone_libvirt.images import resolve
-from ozone_libvirt.placement import FILES_DIR, IMAGES_DIR, VMS_DIR, place
 
 
 def digest(path: Path) -> str:

@@ -64,16 +64,16 @@ class Transfer:
 
 
 @dataclass(frozen=True)
-class Placement:
+class HostPaths:
     config: VMConfig  # the config with the host's paths
     transfers: tuple[Transfer, ...]
-    # files of the host the placement made up (their paths), by the config's path here
+    # the path on the host of each file of the config (by its path here)
     paths: dict[Path, Path] = dataclasses.field(default_factory=dict)
 
 
 def place(
     config: VMConfig, resolved: Resolved | None, *, digest: Callable[[Path], str]
-) -> Placement:
+) -> HostPaths:
     """The host's paths for ``config`` (already resolved by :func:`.images.resolve`:
     ``resolved`` says which files are the store's) and what must be copied or made there.
     ``digest``: a short digest of a file of this machine."""
@@ -129,7 +129,7 @@ def place(
         # what made the image, last (as in the store here): `ozone image list` there reads it
         meta = resolved.ref.meta(store)
         transfers.append(Transfer("upload", IMAGES_DIR / meta.name, "image", source=meta))
-    return Placement(config, tuple(transfers), paths)
+    return HostPaths(config, tuple(transfers), paths)
 
 
 def _writable(
