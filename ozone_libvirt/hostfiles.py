@@ -504,7 +504,10 @@ def bring_inputs(
             held = info(conn, transfer.target)
             if held is None or held.physical != source.stat().st_size:
                 report(f"copying {source.name} to {host_name(conn)}")
-            if upload(conn, transfer.target, source, mode=transfer.mode, progress=progress):
+            copy = upload(
+                conn, transfer.target, source, mode=transfer.mode, owner=qemu, progress=progress
+            )
+            if copy:
                 copied.append(transfer.target)
     return copied
 

@@ -60,7 +60,7 @@ class Transfer:
     capacity: int | None = None  # create: the disk's size
     format: str = "qcow2"
     backing: Path | None = None  # create: an overlay over this (a path on the host)
-    mode: str = "0644"
+    mode: str = "0400"  # (uploads belong to QEMU's user there: see hostfiles.bring_inputs)
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,9 @@ def place(
         if store is not None and path.parent == store:
             target = IMAGES_DIR / path.name  # the store's own names say what they hold
             mode = "0444"
-        else:
+        else:  # a user's file, which may be private: QEMU's there, and root's
             target = FILES_DIR / f"{path.stem}-{digest(path)}{path.suffix}"
-            mode = "0644"
+            mode = "0400"
         paths[path] = target
         if resolved is not None and path == resolved.seed:
             transfers.append(Transfer("seed", target, where, mode="0400"))

@@ -440,14 +440,12 @@ READ_ONLY_ROLES = frozenset({"cdrom", "kernel", "initrd", "read-only disk", "bac
 def _copy_there(
     conn: libvirt.virConnect, dconn: libvirt.virConnect, use: dx.FileUse, made: _Made
 ) -> None:
-    """Copy one read-only file to the same path on the destination. A read-only disk (a
-    cloud-init seed) may hold secrets: QEMU's user's there, 0400; the rest 0644."""
+    """Copy one read-only file to the same path on the destination: QEMU's user's there,
+    0400 (it may be private: a cloud-init seed holds secrets; nobody else needs it)."""
     from .hostfiles import copy_between
 
-    secret = use.role == "read-only disk"
-    owner = qemu_owner(dconn) if secret else None
     made.copies.append(use.path)
-    copy_between(conn, dconn, use.path, mode="0400" if secret else "0644", owner=owner)
+    copy_between(conn, dconn, use.path, mode="0400", owner=qemu_owner(dconn))
 
 
 def _prepare(dconn: libvirt.virConnect, plan: Needs, made: _Made, *, label: str) -> None:

@@ -44,7 +44,7 @@ def test_disks_are_made_there_and_read_only_files_copied_by_content():
     kinds = {t.target.name: (t.kind, t.source, t.capacity, t.mode) for t in p.transfers}
     assert kinds["web-data.qcow2"] == ("create", None, 1 << 30, "0600")
     assert kinds["web-prepared.qcow2"] == ("upload", Path("/srv/prepared.qcow2"), None, "0600")
-    assert kinds[p.config.cdrom.name] == ("upload", Path("/srv/boot.iso"), None, "0644")
+    assert kinds[p.config.cdrom.name] == ("upload", Path("/srv/boot.iso"), None, "0400")
     assert kinds["web-over.qcow2"][0] == "create"
     # the disk names carry the VM's: two VMs' disk.qcow2 never meet there
     other = placed({"name": "db", "disks": [{"path": "data.qcow2", "size": "1GiB"}]})

@@ -9,6 +9,7 @@ copied disk and ozone's QMP socket folder must get there through libvirt.
 from __future__ import annotations
 
 import json
+import pwd
 import shutil
 import socket
 import subprocess
@@ -342,7 +343,8 @@ def test_a_vm_defined_on_the_second_host_moves_here_and_back_with_its_iso_copied
         proc = ozone_on(second_host, "migrate", name, URI, "--live", "--json")
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert copy in json.loads(proc.stdout)["made_on_destination"]
-        assert Path(copy).is_file() and Path(copy).stat().st_mode & 0o777 == 0o644
+        made = Path(copy).stat()  # QEMU's, and nobody else's (a copy may be private)
+        assert made.st_mode & 0o777 == 0o400 and made.st_uid == pwd.getpwnam("libvirt-qemu").pw_uid
         assert run_ozone("exec", name, "--", "true").returncode == 0
         back = run_ozone("migrate", name, second_host, "--live")
         assert back.returncode == 0, back.stderr

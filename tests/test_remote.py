@@ -87,6 +87,8 @@ def test_define_makes_the_disk_and_copies_the_iso_on_that_host_only(second_host,
     iso = copy_of_the_iso(second_host, remote_vm)
     assert Path(iso).name.startswith("ozone-guest-") and has_file_there(iso)
     assert not Path(iso).exists()
+    # QEMU's there, and nobody else's: a copied file may be private
+    assert on_second_host("stat", "-c", "%a %U", iso).stdout.split() == ["400", "libvirt-qemu"]
     # the ISO's copy has the ISO's bytes
     digest = on_second_host("sha256sum", iso).stdout.split()[0]
     local = subprocess.run(
