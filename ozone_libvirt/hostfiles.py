@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-from collections.abc import Callable
+import secrets
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -139,6 +140,63 @@ def _cannot(conn: libvirt.virConnect, folder: Path) -> Callable[[libvirt.libvirt
         )
 
     return explain
+
+
+@contextlib.contextmanager
+def folder_pool(
+    conn: libvirt.virConnect,
+    folder: Path,
+    *,
+    build: bool = False,
+    mode: str | None = None,
+    owner: tuple[int, int] | None = None,
+) -> Iterator[libvirt.virStoragePool | None]:
+    """An active storage pool of ``folder`` on ``conn``'s host: one that covers it already
+    (refreshed), else a transient one of ozone's for the block, which ``build`` makes the
+    folder for (with ``mode`` and ``owner``). None: the folder is not there (and not built)."""
+    found = if_exists(
+        conn.storagePoolLookupByTargetPath, str(folder), missing=libvirt.VIR_ERR_NO_STORAGE_POOL
+    )
+    if found is not None:
+        call(found.refresh, 0)
+        yield found
+        return
+    target = E.target(E.path(str(folder)))
+    if mode or owner:
+        perms = E.permissions()
+        if mode:
+            perms.append(E.mode(mode))
+        if owner:
+            perms.extend([E.owner(str(owner[0])), E.group(str(owner[1]))])
+        target.append(perms)
+    xml = etree.tostring(
+        E.pool(E.name(f"ozone-look-{secrets.token_hex(4)}"), target, type="dir"),
+        encoding="unicode",
+    )
+    flags = libvirt.VIR_STORAGE_POOL_CREATE_WITH_BUILD if build else 0
+    # a dir pool fails to start on a folder that is not there (a system error)
+    pool = if_exists(conn.storagePoolCreateXML, xml, flags, missing=libvirt.VIR_ERR_SYSTEM_ERROR)
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            with best_effort():
+                pool.destroy()  # transient: gone with it; the folder stays
+
+
+def present_on(conn: libvirt.virConnect, paths: list[Path]) -> set[Path]:
+    """Which of ``paths`` exist on ``conn``'s host (as files libvirt's storage sees)."""
+    found = set()
+    for folder in sorted({p.parent for p in paths}):
+        with folder_pool(conn, folder) as pool:
+            if pool is None:
+                continue
+            for path in paths:
+                if path.parent == folder and if_exists(
+                    pool.storageVolLookupByName, path.name, missing=libvirt.VIR_ERR_NO_STORAGE_VOL
+                ):
+                    found.add(path)
+    return found
 
 
 # --- volumes -------------------------------------------------------------------------------

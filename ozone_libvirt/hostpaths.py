@@ -72,13 +72,19 @@ class HostPaths:
 
 
 def place(
-    config: VMConfig, resolved: Resolved | None, *, digest: Callable[[Path], str]
+    config: VMConfig,
+    resolved: Resolved | None,
+    *,
+    digest: Callable[[Path], str],
+    there: frozenset[Path] = frozenset(),
 ) -> HostPaths:
     """The host's paths for ``config`` (already resolved by :func:`.images.resolve`:
     ``resolved`` says which files are the store's) and what must be copied or made there.
-    ``digest``: a short digest of a file of this machine."""
+    ``digest``: a short digest of a file of this machine. ``there``: files the config names
+    that are not on this machine but on that host (an ISO kept there): used where they are.
+    """
     store = _store_of(resolved)
-    paths: dict[Path, Path] = {}
+    paths: dict[Path, Path] = {path: path for path in there}
     transfers: list[Transfer] = []
 
     def read_only(path: Path, where: str) -> Path:
@@ -103,7 +109,7 @@ def place(
     for i, disk in enumerate(config.disks):
         where = f"disks[{i}]"
         backing = read_only(disk.backing, f"{where}.backing") if disk.backing else None
-        if disk.readonly:
+        if disk.readonly or disk.path in there:
             target = read_only(disk.path, where)
         else:  # the store's boot overlay stays in the store; other disks go to ozone's pool
             target = (
@@ -130,6 +136,22 @@ def place(
         meta = resolved.ref.meta(store)
         transfers.append(Transfer("upload", IMAGES_DIR / meta.name, "image", source=meta))
     return HostPaths(config, tuple(transfers), paths)
+
+
+def inputs_not_here(config: VMConfig, resolved: Resolved | None) -> list[Path]:
+    """The files of ``config`` that must exist but are not on this machine (not the store's,
+    which ozone makes): a define would fail on them, unless the VM's host has them."""
+    store = _store_of(resolved)
+    wanted = [config.cdrom, config.kernel, config.initrd]
+    for disk in config.disks:
+        wanted.append(disk.backing)
+        if disk.readonly or (disk.size is None and disk.backing is None):
+            wanted.append(disk.path)
+    return [
+        path
+        for path in dict.fromkeys(wanted)
+        if path is not None and (store is None or path.parent != store) and not path.exists()
+    ]
 
 
 def _writable(

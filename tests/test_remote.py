@@ -309,3 +309,29 @@ def test_gc_there_removes_unused_copies_and_leaves_this_machine_alone(second_hos
     assert not has_file_there(unused)
     assert has_file_there(in_use)
     assert all("127.0.0.1" in r for r in removed if "/var/lib/ozone/" in r), removed
+
+
+def test_an_iso_kept_on_that_host_is_used_where_it_is(second_host, tmp_path):
+    """A config naming a file that is not on this machine but on the VM's host uses it in
+    place (no copy), and asking leaves no pool behind."""
+    name = f"{PREFIX}remote-kept"
+    kept = f"/var/lib/libvirt/images/{name}.iso"  # the second host's own folder
+    assert on_second_host("cp", str(GUEST_DIR / "ozone-guest.iso"), kept).returncode == 0
+    assert not Path(kept).exists()
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps({"name": name, "memory": "256MiB", "cdrom": kept,
+                                  "network": "none"}))  # fmt: skip
+    pools = virsh_there(second_host, "pool-list", "--all", "--name").stdout
+    try:
+        proc = there(second_host, "define", str(config))
+        assert proc.returncode == 0, proc.stderr
+        assert kept in virsh_there(second_host, "domblklist", name).stdout
+        assert virsh_there(second_host, "pool-list", "--all", "--name").stdout == pools
+        again = there(second_host, "define", str(config), "--json")
+        assert json.loads(again.stdout)["changed"] is False, again.stdout + again.stderr
+        started = there(second_host, "start", name, "--wait", "--timeout", "120")
+        assert started.returncode == 0, started.stderr
+        assert there(second_host, "exec", name, "--", "true").returncode == 0
+    finally:
+        forget_there(second_host, name)
+        on_second_host("rm", "-f", kept)
