@@ -21,6 +21,7 @@ from typing import IO
 import libvirt
 
 from . import execute, transfer, vm
+from . import migrate as migrate_
 from .agent import Agent
 from .connection import domain_metadata, lookup, open_connection
 from .errors import ExecTimeout, ExitError
@@ -155,6 +156,23 @@ class VM:
     def pull(self, source: str, destination: str | Path) -> transfer.CopyResult:
         """Copy a guest file to the host."""
         return transfer.copy_from_guest(self.agent, source, destination)
+
+    def migrate(
+        self, host: str, *, live: bool = False, copy_storage: bool = False, timeout: float = 600
+    ) -> migrate_.MigrateResult:
+        """Move the VM to ``host`` (an inventory name or a libvirt URI). This object still
+        speaks to the host it came from: open ``VM(name, uri=result.uri)`` to go on there."""
+        label, uri = migrate_.resolve_host(host)
+        self._agent = None  # the domain left this host
+        return migrate_.migrate(
+            self.conn,
+            self.name,
+            uri,
+            live=live,
+            copy_storage=copy_storage,
+            host=label,
+            timeout=timeout,
+        )
 
     def sync_clock(self) -> float:
         """Set the guest's clock from the host's; returns how far off it was (seconds)."""

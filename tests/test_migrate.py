@@ -354,3 +354,13 @@ def test_a_vm_defined_on_the_second_host_moves_here_and_back_with_its_iso_copied
         remove_domain(name)
         if copy is not None:
             virsh("vol-delete", copy, check=False)
+
+
+def test_the_python_api_moves_a_vm_and_goes_on_there(at_home: str, second_host: str) -> None:
+    from ozone_libvirt import VM
+
+    with VM(at_home) as here:
+        moved = here.migrate(second_host, live=True)
+    assert (moved.uri, moved.state) == (second_host, "running")
+    with VM(at_home, uri=moved.uri) as there:
+        assert there.exec(["echo", "moved"], check=True).stdout == b"moved\n"
