@@ -125,15 +125,16 @@ def libvirtd() -> str:
 SECOND_HOST = REPO / "scripts" / "second-host"
 
 
-@pytest.fixture(scope="session")
-def second_host(libvirtd: str) -> Iterator[str]:
-    """Another libvirt host on this machine (scripts/second-host: its own libvirtd in its own
-    mount namespace, its own host UUID), reached over qemu+tcp; stopped at the session's end,
-    with everything it held."""
+@contextlib.contextmanager
+def another_host(name: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """A libvirt host of its own on this machine (scripts/second-host: its own libvirtd in
+    its own mount namespace, its own host UUID) named ``name``, on a free port (another test
+    run may have one too): its URI and the environment that names it (for `stop`, `run`).
+    Stopped afterwards, with everything it held."""
     import socket
 
-    env = dict(os.environ, SECOND_HOST=f"ozt{os.getpid()}")
-    with socket.socket() as probe:  # a free port: another test run may have a second host too
+    env = dict(os.environ, SECOND_HOST=name)
+    with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     proc = subprocess.run(
@@ -142,9 +143,16 @@ def second_host(libvirtd: str) -> Iterator[str]:
     if proc.returncode != 0:
         pytest.fail(f"scripts/second-host start failed: {proc.stderr.strip()}")
     try:
-        yield proc.stdout.strip()
+        yield proc.stdout.strip(), env
     finally:
         subprocess.run([str(SECOND_HOST), "stop"], capture_output=True, env=env, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def second_host(libvirtd: str) -> Iterator[str]:
+    """Another libvirt host on this machine, reached over qemu+tcp, for the session."""
+    with another_host(f"ozt{os.getpid()}") as (uri, _env):
+        yield uri
 
 
 def on_second_host(*command: str) -> subprocess.CompletedProcess[str]:

@@ -35,7 +35,7 @@ from ozone_libvirt.hosts import (
     wanted_host,
 )
 
-from .conftest import PREFIX, SECOND_HOST, URI, ozone_env, run_ozone
+from .conftest import PREFIX, SECOND_HOST, URI, another_host, ozone_env, run_ozone
 
 GiB = 1024**3
 MiB = 1024**2
@@ -403,21 +403,10 @@ def cleanup_on() -> Iterator[list[tuple[str, str]]]:
 
 @pytest.fixture
 def third_host(libvirtd: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """A libvirt host of this test's own (scripts/second-host under a name of its own, on
-    a free port), which the test may stop; stopped afterwards in any case."""
-    env = dict(os.environ, SECOND_HOST=f"ozh{os.getpid()}")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    proc = subprocess.run(
-        [str(SECOND_HOST), "start", str(port)], capture_output=True, text=True, env=env, timeout=60
-    )
-    if proc.returncode != 0:
-        pytest.fail(f"scripts/second-host start failed: {proc.stderr.strip()}")
-    try:
-        yield proc.stdout.strip(), env
-    finally:
-        subprocess.run([str(SECOND_HOST), "stop"], capture_output=True, env=env, timeout=60)
+    """A libvirt host of this test's own, which the test may stop; stopped afterwards in
+    any case."""
+    with another_host(f"ozh{os.getpid()}") as host:
+        yield host
 
 
 def tiny_config(folder: Path, guest: Path, name: str, **extra: object) -> Path:
