@@ -74,9 +74,9 @@ def cache_id() -> str:
 
 def volume_identity(conn: libvirt.virConnect, path: Path) -> str:
     """What a file of the VM's host is, as libvirt tells: sizes and mtime (or "missing")."""
-    from .hostfiles import info
+    from .hostfiles import look
 
-    held = info(conn, path)
+    held = look(conn, path)
     if held is None:
         return "missing"
     return f"{held.capacity}:{held.physical}:{held.mtime}"

@@ -242,8 +242,18 @@ def info(conn: libvirt.virConnect, path: Path) -> VolumeInfo | None:
     """What the host holds at ``path`` (its pool refreshed first: QEMU or virtlogd may have
     written the file since), or None."""
     vol = _volume(conn, path)
-    if vol is None:
-        return None
+    return None if vol is None else _described(vol, path)
+
+
+def look(conn: libvirt.virConnect, path: Path) -> VolumeInfo | None:
+    """:func:`info` of a file in any folder of the host, asked through a transient pool when
+    no pool covers the folder: nothing is left there."""
+    with folder_pool(conn, path.parent) as pool:
+        vol = _lookup(pool, path.name) if pool is not None else None
+        return None if vol is None else _described(vol, path)
+
+
+def _described(vol: libvirt.virStorageVol, path: Path) -> VolumeInfo:
     root = etree.fromstring(call(vol.XMLDesc, 0).encode())
     backing = root.findtext("backingStore/path")
     return VolumeInfo(

@@ -275,7 +275,8 @@ def run(
     config = resolved.config
     facts = host_facts(conn)
     dx.check_machine(config, facts)
-    check_host_paths(dataclasses.replace(config, disks=()))
+    if is_local(conn):  # (another host: each file is copied, or found there, by bring)
+        check_host_paths(dataclasses.replace(config, disks=()))
     files = files_for(conn, facts)
     kinds = disk_kinds(config)
     config = files.bring(config, resolved, kinds, report)  # (another host: its paths there)

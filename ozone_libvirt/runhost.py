@@ -140,6 +140,7 @@ class HostFiles(LocalFiles):
     """The VM's host is another machine: files there, through libvirt."""
 
     remote = True
+    there: frozenset[Path] = frozenset()  # the config's files the host keeps (used in place)
 
     def bring(
         self, config: VMConfig, resolved: Resolved, kinds: list[Kind], report: Report
@@ -159,11 +160,12 @@ class HostFiles(LocalFiles):
             dataclasses.replace(d, readonly=True) if kind == "overlay" else d
             for d, kind in zip(config.disks, kinds, strict=True)
         ]
-        host_paths = place(
-            dataclasses.replace(config, disks=tuple(as_inputs)),
-            resolved,
-            digest=hostfiles.file_digest,
-        )
+        from .vm import kept_there
+
+        inputs = dataclasses.replace(config, disks=tuple(as_inputs))
+        there = kept_there(self.conn, resolved, inputs)
+        host_paths = place(inputs, resolved, digest=hostfiles.file_digest, there=there)
+        self.there = there
         for folder in (RUNS_DIR, CACHE_DIR):  # QEMU enters them, nobody lists them
             hostfiles.ensure_pool(self.conn, folder, mode="0711")
         hostfiles.bring_inputs(self.conn, host_paths, resolved, qemu=self.owner, report=report)
@@ -179,7 +181,7 @@ class HostFiles(LocalFiles):
         held = {
             str(p): self._identity(p)
             for p in files
-            if p is not None and p.is_relative_to(Path("/var/lib/ozone"))
+            if p is not None and (p.is_relative_to(Path("/var/lib/ozone")) or p in self.there)
         }
         return {"host": host_uuid(self.conn), "cache": cache_id(), "files": held}
 

@@ -438,7 +438,7 @@ def _define(
         from .hostpaths import place
 
         host_paths = place(
-            config, resolved, digest=hostfiles.file_digest, there=_kept_there(conn, resolved)
+            config, resolved, digest=hostfiles.file_digest, there=kept_there(conn, resolved)
         )
         made += hostfiles.bring_inputs(
             conn,
@@ -581,21 +581,24 @@ def placed(conn: libvirt.virConnect, resolved: images.Resolved) -> VMConfig:
     from .hostfiles import file_digest
     from .hostpaths import place
 
-    there = _kept_there(conn, resolved)
+    there = kept_there(conn, resolved)
     try:
         return place(resolved.config, resolved, digest=file_digest, there=there).config
     except OSError:
         return resolved.config
 
 
-def _kept_there(conn: libvirt.virConnect, resolved: images.Resolved) -> frozenset[Path]:
+def kept_there(
+    conn: libvirt.virConnect, resolved: images.Resolved, config: VMConfig | None = None
+) -> frozenset[Path]:
     """The files the config names that are not on this machine but on the VM's host (an
     ISO kept there): used in place. Asked through a pool of their folder (a transient one
-    when the host has none: nothing is left there)."""
+    when the host has none: nothing is left there). ``config``: the resolved config as the
+    caller changed it."""
     from .hostfiles import present_on
     from .hostpaths import inputs_not_here
 
-    missing = inputs_not_here(resolved.config, resolved)
+    missing = inputs_not_here(config or resolved.config, resolved)
     return frozenset(present_on(conn, missing)) if missing else frozenset()
 
 
