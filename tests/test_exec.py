@@ -32,6 +32,7 @@ from .conftest import (
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest]
 
 MiB = 1 << 20
+BIG = 16 * MiB  # past every chunk and message limit between here and the guest
 
 
 @pytest.fixture(scope="module")
@@ -114,11 +115,11 @@ def test_output_streams_while_the_program_runs(guest):
         proc.kill()
 
 
-# 32 MiB crosses every size limit on the way many times over: the 256 KiB that comes back in
-# guest-exec-status, the 1 MiB reads, libvirt's ~4 MiB RPC message and 10 MiB agent reply
-def test_32_mib_of_output_arrives_intact(guest):
+# 16 MiB crosses every size limit on the way: the 256 KiB that comes back in guest-exec-status
+# (64 times), the 1 MiB reads, libvirt's ~4 MiB RPC message and 10 MiB agent reply
+def test_16_mib_of_output_arrives_intact(guest):
     script = (
-        "head -c 33554432 /dev/urandom >/tmp/big && md5sum </tmp/big >&2 && cat /tmp/big; "
+        f"head -c {BIG} /dev/urandom >/tmp/big && md5sum </tmp/big >&2 && cat /tmp/big; "
         "rc=$?; rm -f /tmp/big; exit $rc"
     )
     proc = subprocess.Popen(
@@ -132,7 +133,7 @@ def test_32_mib_of_output_arrives_intact(guest):
         digest.update(chunk)
         size += len(chunk)
     assert proc.wait(timeout=300) == 0
-    assert size == 32 * MiB
+    assert size == BIG
     assert proc.stderr.read().split()[0].decode() == digest.hexdigest()
 
 
@@ -180,11 +181,11 @@ def test_no_command_is_an_error(guest):
 # --- stdin ---------------------------------------------------------------------------------
 
 
-def test_32_mib_of_stdin_round_trips_through_md5sum(guest, tmp_path):
+def test_16_mib_of_stdin_round_trips_through_md5sum(guest, tmp_path):
     data = tmp_path / "input.bin"
     digest = hashlib.md5()
     with data.open("wb") as f:
-        for _ in range(32):
+        for _ in range(BIG // MiB):
             chunk = os.urandom(MiB)
             digest.update(chunk)
             f.write(chunk)
@@ -230,11 +231,11 @@ def test_without_i_the_program_reads_nothing(guest):
 # --- files ---------------------------------------------------------------------------------
 
 
-# 32 MiB: 256 writes of 128 KiB in, 32 reads of 1 MiB back, past libvirt's 4 and 10 MiB limits
-def test_cp_32_mib_both_ways_with_mode(guest, tmp_path):
+# 16 MiB: 128 writes of 128 KiB in, 16 reads of 1 MiB back, past libvirt's 4 and 10 MiB limits
+def test_cp_16_mib_both_ways_with_mode(guest, tmp_path):
     source = tmp_path / "payload.bin"
     with source.open("wb") as f:
-        for _ in range(32):
+        for _ in range(BIG // MiB):
             f.write(os.urandom(MiB))
     source.chmod(0o751)
     want = hashlib.md5(source.read_bytes()).hexdigest()

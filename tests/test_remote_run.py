@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import GUEST_DIR, PREFIX, on_second_host, run_ozone
+from .conftest import GUEST_DIR, on_second_host, run_ozone
 
 pytestmark = [pytest.mark.libvirtd, pytest.mark.guest]
 
@@ -141,26 +141,24 @@ def test_a_killed_run_is_reaped_on_its_host(remote, second_host):
     assert list(Path(env["OZONE_RUN_DIR"]).iterdir()) == []
 
 
-def test_no_cache_run_passes_the_exit_code_and_leaves_nothing_there(remote, second_host):
-    name, path, env = remote
-    proc = ozone_run(env, "--no-cache", str(path), "--", "sh", "-c", "exit 3")
-    assert proc.returncode == 3, proc.stderr
-    assert "boot cache" not in proc.stderr
-    assert listing(RUNS) == [] and listing(CACHE) == []
-    assert not [log for log in listing(LOGS) if log.startswith(f"{name}-run-")]
-    assert remote_virsh(second_host, "list", "--all", "--name").split() == []
-    assert list(Path(env["OZONE_RUN_DIR"]).iterdir()) == []
-
-
-def test_a_run_uses_an_iso_kept_on_that_host(second_host, tmp_path):
-    """A run's ISO that is not on this machine but on the VM's host is used where it is."""
-    kept = f"/var/lib/libvirt/images/{PREFIX}run-kept.iso"
+def test_a_run_uses_an_iso_kept_on_that_host_and_leaves_nothing_there(
+    remote, second_host, tmp_path
+):
+    """A run's ISO that is not on this machine but on the VM's host is used where it is;
+    a run without the cache passes the exit code through and leaves nothing on either host."""
+    name, _path, env = remote
+    kept = f"/var/lib/libvirt/images/{name}-kept.iso"
     assert on_second_host("cp", str(GUEST_DIR / "ozone-guest.iso"), kept).returncode == 0
-    config = tmp_path / f"{PREFIX}runkept.json"
-    config.write_text(json.dumps({"name": f"{PREFIX}runkept", "memory": "256MiB",
-                                  "cdrom": kept, "network": "none"}))  # fmt: skip
+    config = tmp_path / f"{name}.json"
+    config.write_text(json.dumps({"name": name, "memory": "256MiB", "cdrom": kept,
+                                  "network": "none"}))  # fmt: skip
     try:
-        proc = run_ozone("-c", second_host, "run", "--no-cache", str(config), "--", "echo", "hi")
-        assert (proc.returncode, proc.stdout) == (0, "hi\n"), proc.stderr
+        proc = ozone_run(env, "--no-cache", str(config), "--", "sh", "-c", "echo hi; exit 3")
+        assert (proc.returncode, proc.stdout) == (3, "hi\n"), proc.stderr
+        assert "boot cache" not in proc.stderr
+        assert listing(RUNS) == [] and listing(CACHE) == []
+        assert not [log for log in listing(LOGS) if log.startswith(f"{name}-run-")]
+        assert remote_virsh(second_host, "list", "--all", "--name").split() == []
+        assert list(Path(env["OZONE_RUN_DIR"]).iterdir()) == []
     finally:
         on_second_host("rm", "-f", kept)
