@@ -602,6 +602,14 @@ def ssh(
         Path | None,
         typer.Option("--identity", "-i", help="Offer this private key too (ssh -i)."),
     ] = None,
+    option: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--option",
+            "-o",
+            help="An ssh option (ssh -o), e.g. -o ConnectTimeout=5; it wins over ozone's.",
+        ),
+    ] = None,
 ) -> None:
     """Log in to a running VM with the system's ssh, or run a command there.
 
@@ -610,7 +618,8 @@ def ssh(
     """
     from . import ssh as ssh_
 
-    options = ["-i", str(identity)] if identity else []
+    options = [arg for value in option or [] for arg in ("-o", value)]
+    options += ["-i", str(identity)] if identity else []
     with connection() as conn:
         target = ssh_.target(
             conn,

@@ -132,7 +132,8 @@ def target(
         host, port = _guest_address(conn, name), 22
     login = user or meta.ssh_user or "root"
     folder = key_dir(name)
-    argv = [client, "-p", str(port), "-l", login]
+    # the caller's options first: for each option ssh keeps the first value it is given
+    argv = [client, "-p", str(port), "-l", login, *options]
     if jump:
         argv += ["-J", jump]
     key = folder / KEY_FILE
@@ -150,7 +151,6 @@ def target(
         # also bounds the wait for the server's greeting: QEMU's user networking accepts a
         # connection to a forwarded port even when nothing in the guest answers, and holds it
         "-o", "ConnectTimeout=30",
-        *options,
     ]  # fmt: skip
     return Target(name, login, host, port, jump, argv, list(command))
 

@@ -278,7 +278,7 @@ def test_ssh_ports_differ_and_move_away_from_another_program(vms):
         listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
         assert f"127.0.0.1:{moved} " in listening
     # the guest has no sshd: ozone ssh says so, with ssh's status
-    proc = run_ozone("ssh", first, "--", "true")
+    proc = run_ozone("ssh", "-o", "ConnectTimeout=3", first, "--", "true")  # (else 30 s)
     assert proc.returncode == 255
     assert f"no ssh server answers on {first}'s port 22 (through 127.0.0.1:{moved})" in proc.stderr
     assert "Traceback" not in proc.stderr
