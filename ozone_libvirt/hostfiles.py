@@ -51,10 +51,6 @@ def host_name(conn: libvirt.virConnect) -> str:
 # --- pools ---------------------------------------------------------------------------------
 
 
-def _pool_target(pool: libvirt.virStoragePool) -> str | None:
-    return etree.fromstring(call(pool.XMLDesc, 0).encode()).findtext("target/path")
-
-
 def _pool_covering(conn: libvirt.virConnect, folder: Path) -> libvirt.virStoragePool | None:
     """A pool of the host (active or not) whose folder is ``folder``."""
     return if_exists(
@@ -154,9 +150,7 @@ def folder_pool(
     """An active storage pool of ``folder`` on ``conn``'s host: one that covers it already
     (refreshed), else a transient one of ozone's for the block, which ``build`` makes the
     folder for (with ``mode`` and ``owner``). None: the folder is not there (and not built)."""
-    found = if_exists(
-        conn.storagePoolLookupByTargetPath, str(folder), missing=libvirt.VIR_ERR_NO_STORAGE_POOL
-    )
+    found = _pool_covering(conn, folder)
     if found is not None:
         call(found.refresh, 0)
         yield found
@@ -282,10 +276,7 @@ def backing_chains(conn: libvirt.virConnect, paths: list[Path]) -> dict[Path, li
                 pools[path.parent] = started_pool(conn, path.parent)
             pool = pools[path.parent]
             vol = _lookup(pool, path.name) if pool is not None else None
-            text = None
-            if vol is not None:
-                text = etree.fromstring(call(vol.XMLDesc, 0).encode()).findtext("backingStore/path")
-            backing_of[path] = Path(text) if text else None
+            backing_of[path] = _described(vol, path).backing if vol is not None else None
         return backing_of[path]
 
     chains = {}
